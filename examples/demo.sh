@@ -48,7 +48,7 @@ stop_host() {
         sleep 0.1
     done
     if kill -0 "$pid" 2>/dev/null; then
-        fail "demo host (pid $pid) did not stop within 10 s; stop it with: kill -KILL $pid"
+        fail "demo host (pid $pid) did not stop within 10 s; kill it with: $testhost force-stop $pid"
     fi
     rm -f "$pid_file"
     echo "demo: stopped the demo host at $address"

@@ -420,8 +420,8 @@ impl TestHost {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    /// Sends SIGTERM to nspawn, which shuts the host down, and SIGKILL if that takes longer
-    /// than STOP_TIMEOUT. Never panics because it runs during unwinding.
+    /// Sends SIGTERM to nspawn, which shuts the host down, and kills the host's processes if
+    /// that takes longer than STOP_TIMEOUT. Never panics because it runs during unwinding.
     fn stop(&mut self) {
         if let Ok(Some(_)) = self.nspawn.try_wait() {
             return;
@@ -439,10 +439,15 @@ impl TestHost {
         });
         if !stopped {
             eprintln!(
-                "test host {} did not stop within {STOP_TIMEOUT:?} after SIGTERM; sending SIGKILL",
+                "test host {} did not stop within {STOP_TIMEOUT:?} after SIGTERM; killing it",
                 self.address
             );
-            let _ = self.nspawn.kill();
+            // SIGKILL to nspawn alone would leave the host's processes running.
+            match Command::new(TESTHOST).args(["force-stop", &pid]).status() {
+                Ok(status) if status.success() => {}
+                Ok(status) => eprintln!("`testhost force-stop {pid}` failed with {status}"),
+                Err(error) => eprintln!("failed to start `testhost force-stop {pid}`: {error}"),
+            }
             let _ = self.nspawn.wait();
         }
     }
