@@ -40,10 +40,10 @@ stop_host() {
         rm -f "$pid_file"
         return
     fi
-    local pid attempt
+    local pid
     pid=$(cat "$pid_file")
     kill -TERM "$pid"
-    for attempt in $(seq 1 100); do
+    for _ in $(seq 1 100); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
@@ -86,8 +86,7 @@ boot_host() {
         >"$demo_dir/console.log" 2>&1 </dev/null &
     echo $! >"$pid_file"
 
-    local attempt
-    for attempt in $(seq 1 300); do
+    for _ in $(seq 1 300); do
         if ssh_to_host true 2>/dev/null; then
             return
         fi
@@ -98,8 +97,7 @@ boot_host() {
 }
 
 print_health() {
-    local attempt
-    for attempt in $(seq 1 50); do
+    for _ in $(seq 1 50); do
         if curl --silent --fail --max-time 2 "http://$address:$app_port/health"; then
             echo
             return
