@@ -1,0 +1,471 @@
+//! The release artifact: a manifest of the app tree and a deterministic, streamed tar.gz of it.
+//!
+//! The manifest lists every entry in a fixed order with its type, mode, size and content sha256. Its
+//! own sha256 identifies the artifact, so the same tree always has the same identity, whatever part
+//! of it a push actually sends.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use ignore::WalkBuilder;
+use ignore::overrides::OverrideBuilder;
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// Name of the manifest inside every release directory; a complete release always has it, because
+/// it is the last entry of the archive.
+pub const MANIFEST_NAME: &str = ".crucible-manifest";
+
+/// First line of a manifest file, followed by the artifact sha256.
+const MANIFEST_HEADER: &str = "# crucible manifest v1";
+
+/// Modification time given to every entry: 2000-01-01T00:00:00Z. A fixed value makes archives
+/// reproducible; it stays after 1980 so that tools building zip files from the tree accept it.
+const FIXED_MTIME: u64 = 946_684_800;
+
+#[derive(Debug, Error)]
+pub enum ArchiveError {
+    #[error("failed to read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("failed to walk the app directory {path}: {message}")]
+    Walk { path: PathBuf, message: String },
+
+    #[error("invalid exclude pattern {pattern:?}: {message}")]
+    Pattern { pattern: String, message: String },
+
+    #[error(
+        "unsupported file name {path:?}: tabs and newlines are not allowed in deployed paths; rename or exclude it"
+    )]
+    Name { path: String },
+}
+
+/// What an entry is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    Directory,
+    File { size: u64, sha256: String },
+    Symlink { target: String },
+}
+
+/// One path of the app tree, relative to the source directory, with `/` separators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub path: String,
+    pub mode: u32,
+    pub kind: EntryKind,
+}
+
+/// The listing of an app tree and its identity.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub source: PathBuf,
+    pub entries: Vec<Entry>,
+    pub sha256: String,
+}
+
+impl Manifest {
+    /// Walks `source`, honouring .gitignore, .crucibleignore and `exclude`, and hashes every file.
+    ///
+    /// `.git` is always left out and symlinks are stored as links, never followed, so nothing outside
+    /// the app directory is ever read.
+    pub fn scan(source: &Path, exclude: &[String]) -> Result<Manifest, ArchiveError> {
+        let mut overrides = OverrideBuilder::new(source);
+        for pattern in exclude {
+            overrides
+                .add(&format!("!{pattern}"))
+                .map_err(|error| ArchiveError::Pattern {
+                    pattern: pattern.clone(),
+                    message: error.to_string(),
+                })?;
+        }
+        let overrides = overrides.build().map_err(|error| ArchiveError::Pattern {
+            pattern: exclude.join(", "),
+            message: error.to_string(),
+        })?;
+
+        let walker = WalkBuilder::new(source)
+            .hidden(false)
+            .parents(false)
+            .ignore(false)
+            .git_global(false)
+            .git_exclude(false)
+            .git_ignore(true)
+            .require_git(false)
+            .follow_links(false)
+            .add_custom_ignore_filename(".crucibleignore")
+            .overrides(overrides)
+            .filter_entry(|entry| entry.file_name() != ".git")
+            .build();
+
+        let mut entries = Vec::new();
+        for item in walker {
+            let item = item.map_err(|error| ArchiveError::Walk {
+                path: source.to_path_buf(),
+                message: error.to_string(),
+            })?;
+            if item.depth() == 0 {
+                continue;
+            }
+            let relative = relative_path(source, item.path())?;
+            if relative == MANIFEST_NAME {
+                continue;
+            }
+            entries.push(read_entry(item.path(), relative)?);
+        }
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+
+        let sha256 = hex::encode(Sha256::digest(render_entries(&entries).as_bytes()));
+        Ok(Manifest {
+            source: source.to_path_buf(),
+            entries,
+            sha256,
+        })
+    }
+
+    /// The artifact sha256 shortened to 8 hex digits, as it appears in release ids.
+    pub fn short_sha(&self) -> &str {
+        &self.sha256[..8]
+    }
+
+    pub fn file_count(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|entry| matches!(entry.kind, EntryKind::File { .. }))
+            .count()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|entry| match entry.kind {
+                EntryKind::File { size, .. } => size,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// The manifest file as stored in each release: a header with the artifact sha256, then one
+    /// tab-separated line per entry.
+    pub fn to_text(&self) -> String {
+        format!(
+            "{MANIFEST_HEADER} {}\n{}",
+            self.sha256,
+            render_entries(&self.entries)
+        )
+    }
+
+    /// Writes the archive of this tree to `out` as an uncompressed tar stream.
+    ///
+    /// With `only`, file contents are sent only for those paths; every directory and symlink is
+    /// still sent, so the receiving side can build the rest from an earlier release. The manifest
+    /// comes last, so a release directory that has it is complete.
+    pub fn write_tar<W: Write>(&self, out: W, only: Option<&HashSet<String>>) -> io::Result<W> {
+        let mut builder = tar::Builder::new(out);
+        builder.mode(tar::HeaderMode::Deterministic);
+        builder.follow_symlinks(false);
+        for entry in &self.entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_mode(entry.mode);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(FIXED_MTIME);
+            match &entry.kind {
+                EntryKind::Directory => {
+                    header.set_entry_type(tar::EntryType::Directory);
+                    header.set_size(0);
+                    builder.append_data(&mut header, &entry.path, io::empty())?;
+                }
+                EntryKind::Symlink { target } => {
+                    header.set_entry_type(tar::EntryType::Symlink);
+                    header.set_size(0);
+                    builder.append_link(&mut header, &entry.path, target)?;
+                }
+                EntryKind::File { size, .. } => {
+                    if only.is_some_and(|paths| !paths.contains(&entry.path)) {
+                        continue;
+                    }
+                    let file = File::open(self.source.join(&entry.path))?;
+                    header.set_entry_type(tar::EntryType::Regular);
+                    header.set_size(*size);
+                    // A file that changed size since the scan must not produce a corrupt archive.
+                    builder.append_data(&mut header, &entry.path, file.take(*size))?;
+                }
+            }
+        }
+        let text = self.to_text();
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(FIXED_MTIME);
+        header.set_size(text.len() as u64);
+        header.set_entry_type(tar::EntryType::Regular);
+        builder.append_data(&mut header, MANIFEST_NAME, text.as_bytes())?;
+        builder.into_inner()
+    }
+}
+
+/// Parses the artifact sha256 from a manifest file's first line.
+pub fn manifest_sha256(text: &str) -> Option<&str> {
+    let sha = text.lines().next()?.strip_prefix(MANIFEST_HEADER)?.trim();
+    (sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit())).then_some(sha)
+}
+
+fn render_entries(entries: &[Entry]) -> String {
+    let mut text = String::new();
+    for entry in entries {
+        let (kind, size, detail) = match &entry.kind {
+            EntryKind::Directory => ("d", 0, "-"),
+            EntryKind::File { size, sha256 } => ("f", *size, sha256.as_str()),
+            EntryKind::Symlink { target } => ("l", 0, target.as_str()),
+        };
+        let _ = writeln!(
+            text,
+            "{kind}\t{:o}\t{size}\t{detail}\t{}",
+            entry.mode, entry.path
+        );
+    }
+    text
+}
+
+fn relative_path(source: &Path, path: &Path) -> Result<String, ArchiveError> {
+    let relative = path.strip_prefix(source).unwrap_or(path);
+    let text = relative
+        .to_str()
+        .ok_or_else(|| ArchiveError::Name {
+            path: relative.display().to_string(),
+        })?
+        .to_string();
+    if text.contains(['\t', '\n', '\r']) {
+        return Err(ArchiveError::Name { path: text });
+    }
+    Ok(text)
+}
+
+fn read_entry(path: &Path, relative: String) -> Result<Entry, ArchiveError> {
+    let read_error = |source| ArchiveError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let metadata = std::fs::symlink_metadata(path).map_err(read_error)?;
+    let mode = metadata.permissions().mode() & 0o7777;
+    let kind = if metadata.file_type().is_symlink() {
+        let target = std::fs::read_link(path).map_err(read_error)?;
+        EntryKind::Symlink {
+            target: target.to_string_lossy().into_owned(),
+        }
+    } else if metadata.is_dir() {
+        EntryKind::Directory
+    } else {
+        let (size, sha256) = hash_file(path).map_err(read_error)?;
+        EntryKind::File { size, sha256 }
+    };
+    Ok(Entry {
+        path: relative,
+        mode,
+        kind,
+    })
+}
+
+fn hash_file(path: &Path) -> io::Result<(u64, String)> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0; 256 * 1024];
+    let mut size = 0;
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        size += read as u64;
+        hasher.update(&buffer[..read]);
+    }
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::read::GzDecoder;
+
+    fn tree() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("pkg/tests")).unwrap();
+        std::fs::create_dir_all(root.join(".git")).unwrap();
+        std::fs::write(root.join(".git/HEAD"), "ref").unwrap();
+        std::fs::write(root.join("app.py"), "print('hi')\n").unwrap();
+        std::fs::write(root.join("pkg/mod.py"), "x = 1\n").unwrap();
+        std::fs::write(root.join("pkg/mod.pyc"), "bytecode").unwrap();
+        std::fs::write(root.join("pkg/tests/test_mod.py"), "").unwrap();
+        std::fs::write(root.join("secret.log"), "x").unwrap();
+        std::fs::write(root.join("notes.tmp"), "x").unwrap();
+        std::fs::write(root.join(".gitignore"), "*.log\n").unwrap();
+        std::fs::write(root.join(".crucibleignore"), "*.tmp\n").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("outside")).unwrap();
+        std::fs::set_permissions(root.join("app.py"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        dir
+    }
+
+    fn paths(manifest: &Manifest) -> Vec<&str> {
+        manifest
+            .entries
+            .iter()
+            .map(|entry| entry.path.as_str())
+            .collect()
+    }
+
+    fn excludes() -> Vec<String> {
+        vec!["*.pyc".into(), "tests/".into()]
+    }
+
+    #[test]
+    fn scan_honours_ignore_files_and_excludes() {
+        let dir = tree();
+        let manifest = Manifest::scan(dir.path(), &excludes()).unwrap();
+        assert_eq!(
+            paths(&manifest),
+            vec![
+                ".crucibleignore",
+                ".gitignore",
+                "app.py",
+                "outside",
+                "pkg",
+                "pkg/mod.py"
+            ]
+        );
+    }
+
+    #[test]
+    fn symlink_is_stored_not_followed() {
+        let dir = tree();
+        let manifest = Manifest::scan(dir.path(), &[]).unwrap();
+        let link = manifest
+            .entries
+            .iter()
+            .find(|entry| entry.path == "outside")
+            .unwrap();
+        assert_eq!(
+            link.kind,
+            EntryKind::Symlink {
+                target: "/etc/passwd".into()
+            }
+        );
+    }
+
+    #[test]
+    fn same_tree_gives_same_archive() {
+        let dir = tree();
+        let first = Manifest::scan(dir.path(), &excludes()).unwrap();
+        let bytes_first = first.write_tar(Vec::new(), None).unwrap();
+        // Touching a file changes its mtime but not the archive.
+        std::fs::write(dir.path().join("pkg/mod.py"), "x = 1\n").unwrap();
+        let second = Manifest::scan(dir.path(), &excludes()).unwrap();
+        let bytes_second = second.write_tar(Vec::new(), None).unwrap();
+        assert_eq!(first.sha256, second.sha256);
+        assert_eq!(bytes_first, bytes_second);
+    }
+
+    #[test]
+    fn content_change_changes_sha() {
+        let dir = tree();
+        let first = Manifest::scan(dir.path(), &excludes()).unwrap();
+        std::fs::write(dir.path().join("pkg/mod.py"), "x = 2\n").unwrap();
+        let second = Manifest::scan(dir.path(), &excludes()).unwrap();
+        assert_ne!(first.sha256, second.sha256);
+    }
+
+    #[test]
+    fn mode_change_changes_sha() {
+        let dir = tree();
+        let first = Manifest::scan(dir.path(), &excludes()).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("pkg/mod.py"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let second = Manifest::scan(dir.path(), &excludes()).unwrap();
+        assert_ne!(first.sha256, second.sha256);
+    }
+
+    #[test]
+    fn archive_keeps_modes_and_normalises_owner() {
+        let dir = tree();
+        let manifest = Manifest::scan(dir.path(), &excludes()).unwrap();
+        let bytes = manifest.write_tar(Vec::new(), None).unwrap();
+        let mut archive = tar::Archive::new(bytes.as_slice());
+        let mut names = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let entry = entry.unwrap();
+            let header = entry.header();
+            assert_eq!(header.uid().unwrap(), 0);
+            assert_eq!(header.mtime().unwrap(), FIXED_MTIME);
+            let name = entry.path().unwrap().to_string_lossy().into_owned();
+            if name == "app.py" {
+                assert_eq!(header.mode().unwrap(), 0o755);
+            }
+            names.push(name);
+        }
+        assert_eq!(names.last().map(String::as_str), Some(MANIFEST_NAME));
+    }
+
+    #[test]
+    fn partial_archive_sends_only_listed_files() {
+        let dir = tree();
+        let manifest = Manifest::scan(dir.path(), &excludes()).unwrap();
+        let only: HashSet<String> = ["pkg/mod.py".to_string()].into();
+        let bytes = manifest.write_tar(Vec::new(), Some(&only)).unwrap();
+        let mut archive = tar::Archive::new(bytes.as_slice());
+        let names: Vec<String> = archive
+            .entries()
+            .unwrap()
+            .map(|entry| {
+                entry
+                    .unwrap()
+                    .path()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert!(names.contains(&"pkg/mod.py".to_string()));
+        assert!(!names.contains(&"app.py".to_string()));
+        assert!(names.contains(&"pkg".to_string()));
+    }
+
+    #[test]
+    fn manifest_header_round_trips() {
+        let dir = tree();
+        let manifest = Manifest::scan(dir.path(), &[]).unwrap();
+        assert_eq!(
+            manifest_sha256(&manifest.to_text()),
+            Some(manifest.sha256.as_str())
+        );
+        assert_eq!(manifest_sha256("garbage"), None);
+    }
+
+    #[test]
+    fn gzip_stream_unpacks() {
+        let dir = tree();
+        let manifest = Manifest::scan(dir.path(), &excludes()).unwrap();
+        let encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let compressed = manifest.write_tar(encoder, None).unwrap().finish().unwrap();
+        let mut archive = tar::Archive::new(GzDecoder::new(compressed.as_slice()));
+        let target = tempfile::tempdir().unwrap();
+        archive.unpack(target.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(target.path().join("app.py")).unwrap(),
+            "print('hi')\n"
+        );
+    }
+}

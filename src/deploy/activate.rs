@@ -1,0 +1,179 @@
+//! Making a release live: switch `current`, restart the unit, pass the health gate, and switch back
+//! to the previous release when the gate fails.
+
+use std::time::Instant;
+
+use super::Context;
+use crate::error::Error;
+use crate::remote::{self, health};
+use crate::report::StepRecord;
+use crate::ssh::Session;
+
+/// How an activation ended.
+#[derive(Debug)]
+pub enum Activation {
+    /// The release is live and healthy.
+    Healthy,
+    /// The release failed the gate; the previous release is live and healthy again.
+    RolledBack { reason: String },
+    /// The release failed the gate and no healthy release is live.
+    Broken { reason: String },
+}
+
+/// Points `current` at `release` and restarts the unit. The caller has already checked, before
+/// this point, everything that can be checked without touching the live service.
+pub async fn switch(
+    ctx: &mut Context<'_>,
+    session: &Session,
+    release: &str,
+    from_partial: bool,
+) -> Result<(), Error> {
+    let mut command = remote::switch_current(ctx.layout(), release);
+    if from_partial {
+        command = format!("{} && {command}", remote::finalize(ctx.layout(), release));
+    }
+    let target = release.to_string();
+    ctx.remote_step(
+        session,
+        "switch",
+        &command,
+        ctx.plan.step_deadline(),
+        |_| format!("current -> releases/{target}"),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Restarts the unit and runs the health gate. Returns `Err(reason)` when the release is unhealthy.
+pub async fn restart_and_check(
+    ctx: &mut Context<'_>,
+    session: &Session,
+    release: &str,
+    is_root: bool,
+) -> Result<Result<(), String>, Error> {
+    let unit = ctx.plan.config.unit.clone();
+    let deadline = ctx.plan.step_deadline();
+    let before = health::read_unit_state(session, &unit, deadline)
+        .await?
+        .restarts;
+
+    let restart = remote::restart(&unit, is_root);
+    if let Err(error) = ctx
+        .remote_step(
+            session,
+            "restart",
+            &restart,
+            ctx.plan.config.timeouts.restart,
+            |_| String::new(),
+        )
+        .await
+    {
+        return match error {
+            Error::StepFailed { message, .. } => {
+                Ok(Err(format!("systemctl restart failed: {message}")))
+            }
+            other => Err(other),
+        };
+    }
+
+    ctx.reporter.start_step("health");
+    let started = Instant::now();
+    let release_dir = ctx.layout().release(release);
+    let verdict = health::check(
+        session,
+        &unit,
+        &release_dir,
+        before,
+        &ctx.plan.config.health,
+        deadline,
+    )
+    .await?;
+    match verdict {
+        Ok(detail) => {
+            ctx.local_step("health", started, true, detail);
+            Ok(Ok(()))
+        }
+        Err(unhealthy) => {
+            let journal = session
+                .run(&remote::journal(&unit, 15, is_root), None, deadline)
+                .await
+                .map(|output| output.stdout_text())
+                .unwrap_or_default();
+            ctx.reporter.finish_step(StepRecord {
+                name: "health".to_string(),
+                exit_code: None,
+                duration_ms: started.elapsed().as_millis() as u64,
+                ok: false,
+                detail: format!("{} check failed: {}", unhealthy.check, unhealthy.reason),
+                stderr_tail: crate::ssh::tail_lines(&journal, 15),
+            });
+            Ok(Err(unhealthy.reason))
+        }
+    }
+}
+
+/// Switches to `release`, restarts and checks it; when it is unhealthy and `previous` is known,
+/// switches back and checks the previous release the same way.
+pub async fn activate(
+    ctx: &mut Context<'_>,
+    session: &Session,
+    release: &str,
+    previous: Option<&str>,
+    from_partial: bool,
+    is_root: bool,
+    no_rollback: bool,
+) -> Result<Activation, Error> {
+    switch(ctx, session, release, from_partial).await?;
+
+    let reason = match restart_and_check(ctx, session, release, is_root).await? {
+        Ok(()) => return Ok(Activation::Healthy),
+        Err(reason) => reason,
+    };
+    if no_rollback {
+        return Ok(Activation::Broken {
+            reason: format!("{reason}; left live because of --no-rollback"),
+        });
+    }
+    let Some(previous) = previous else {
+        return Ok(Activation::Broken {
+            reason: format!("{reason}; there is no earlier release to roll back to"),
+        });
+    };
+
+    ctx.reporter.note(&format!("rolling back to {previous}"));
+    if let Some(unit_file) = ctx.plan.config.unit_file.clone() {
+        let command = remote::install_unit(
+            &ctx.layout().release(previous),
+            &unit_file.to_string_lossy(),
+            &ctx.plan.config.unit,
+            is_root,
+        );
+        ctx.remote_step(
+            session,
+            "unit",
+            &command,
+            ctx.plan.step_deadline(),
+            unit_detail,
+        )
+        .await?;
+    }
+    if let Err(error) = switch(ctx, session, previous, false).await {
+        return Ok(Activation::Broken {
+            reason: format!("{reason}; switching back to {previous} failed: {error}"),
+        });
+    }
+    match restart_and_check(ctx, session, previous, is_root).await? {
+        Ok(()) => Ok(Activation::RolledBack { reason }),
+        Err(second) => Ok(Activation::Broken {
+            reason: format!("{reason}; the previous release {previous} is unhealthy too: {second}"),
+        }),
+    }
+}
+
+pub fn unit_detail(output: &crate::ssh::CommandOutput) -> String {
+    if output.stdout_text().contains("unit=installed") {
+        "installed, daemon-reload".to_string()
+    } else {
+        "unchanged".to_string()
+    }
+}

@@ -1,0 +1,508 @@
+//! Running a push or rollback on one host: the shared context, the step runner, the release log and
+//! the interrupt signal. `push`, `rollback` and `activate` hold the steps themselves.
+
+pub mod activate;
+pub mod push;
+pub mod rollback;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+
+use crate::error::Error;
+use crate::plan::HostPlan;
+use crate::releases::{Action, History, LogEvent, Outcome};
+use crate::remote::lock::{Attempt, DeployLock};
+use crate::remote::{self, LOG_MARKER, Layout};
+use crate::report::{Reporter, StepRecord, Summary};
+use crate::ssh::{CommandOutput, Session, SshError};
+
+/// Options shared by push and rollback.
+#[derive(Debug, Clone, Default)]
+pub struct DeployOptions {
+    pub dry_run: bool,
+    pub lock_wait: Option<Duration>,
+    pub no_rollback: bool,
+}
+
+/// Set by the first Ctrl-C or SIGTERM. The steps before the switch stop at once; the steps after
+/// it finish, so the host is never left half-way.
+#[derive(Clone, Default)]
+pub struct Interrupt {
+    flag: Arc<AtomicBool>,
+    notify: Arc<Notify>,
+}
+
+impl Interrupt {
+    /// Listens for SIGINT and SIGTERM. A second signal exits the process at once.
+    pub fn listen() -> Interrupt {
+        let interrupt = Interrupt::default();
+        let listener = interrupt.clone();
+        tokio::spawn(async move {
+            let Ok(mut terminate) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+                if listener.flag.swap(true, Ordering::SeqCst) {
+                    eprintln!("interrupted again; exiting at once");
+                    std::process::exit(130);
+                }
+                listener.notify.notify_waiters();
+            }
+        });
+        interrupt
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Completes when the interrupt is set.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_set() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What `prepare` learned about the host.
+#[derive(Debug, Default)]
+pub struct HostFacts {
+    pub is_root: bool,
+    pub python_version: String,
+    pub has_uv: bool,
+    /// The release `current` points at, if any.
+    pub live: Option<String>,
+    /// Complete releases on the host.
+    pub releases: BTreeSet<String>,
+    /// Release id to the venv its `.venv` links, for releases that have one.
+    pub venv_links: HashMap<String, String>,
+    pub venvs: BTreeSet<String>,
+    /// A complete release with this push's artifact, if one is already there.
+    pub existing: Option<String>,
+    pub removed_partials: Vec<String>,
+    pub history: History,
+    pub can_sudo: bool,
+    pub unit_load_state: String,
+}
+
+impl HostFacts {
+    pub fn parse(output: &str) -> HostFacts {
+        let (facts_text, log_text) = output
+            .split_once(&format!("{LOG_MARKER}\n"))
+            .unwrap_or((output, ""));
+        let mut facts = HostFacts {
+            history: History::parse(log_text),
+            ..HostFacts::default()
+        };
+        for (key, value) in remote::parse_facts(facts_text) {
+            match key.as_str() {
+                "uid" => facts.is_root = value == "0",
+                "python" => facts.python_version = value,
+                "uv" => facts.has_uv = true,
+                "current" if !value.is_empty() => {
+                    facts.live = Some(
+                        value
+                            .trim_start_matches("releases/")
+                            .rsplit('/')
+                            .next()
+                            .unwrap_or("")
+                            .to_string(),
+                    )
+                }
+                "release" => {
+                    let (id, venv) = value.split_once(' ').unwrap_or((value.as_str(), ""));
+                    facts.releases.insert(id.to_string());
+                    if !venv.is_empty() {
+                        facts.venv_links.insert(id.to_string(), venv.to_string());
+                    }
+                }
+                "venv" => {
+                    facts.venvs.insert(value);
+                }
+                "existing" => facts.existing = Some(value),
+                "removed" => facts.removed_partials.push(value),
+                "sudo" => facts.can_sudo = value == "ok",
+                "unit_load" => facts.unit_load_state = value,
+                _ => {}
+            }
+        }
+        facts
+    }
+}
+
+/// The state of one push or rollback while it runs.
+pub struct Context<'a> {
+    pub plan: &'a HostPlan,
+    pub reporter: &'a mut Reporter,
+    pub summary: Summary,
+    pub started: Instant,
+    pub started_at: OffsetDateTime,
+    pub interrupt: Interrupt,
+}
+
+impl<'a> Context<'a> {
+    pub fn new(
+        command: &str,
+        plan: &'a HostPlan,
+        reporter: &'a mut Reporter,
+        interrupt: Interrupt,
+    ) -> Context<'a> {
+        Context {
+            plan,
+            reporter,
+            summary: Summary {
+                command: command.to_string(),
+                host: plan.config.host_name.clone(),
+                ..Summary::default()
+            },
+            started: Instant::now(),
+            started_at: OffsetDateTime::now_utc(),
+            interrupt,
+        }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.plan.layout
+    }
+
+    /// Records a step that ran no remote command.
+    pub fn local_step(&mut self, name: &str, started: Instant, ok: bool, detail: String) {
+        self.reporter.finish_step(StepRecord {
+            name: name.to_string(),
+            exit_code: None,
+            duration_ms: started.elapsed().as_millis() as u64,
+            ok,
+            detail,
+            stderr_tail: String::new(),
+        });
+    }
+
+    /// Runs one remote step and reports it. A non-zero exit status becomes [`Error::StepFailed`]
+    /// naming the step, its exit status and the last lines of its stderr.
+    pub async fn remote_step(
+        &mut self,
+        session: &Session,
+        name: &str,
+        command: &str,
+        deadline: Duration,
+        detail: impl Fn(&CommandOutput) -> String,
+    ) -> Result<CommandOutput, Error> {
+        self.reporter.start_step(name);
+        tracing::info!(step = name, "{command}");
+        let started = Instant::now();
+        let result = session.run(command, None, deadline).await;
+        self.finish_remote_step(name, started, result, detail)
+    }
+
+    pub fn finish_remote_step(
+        &mut self,
+        name: &str,
+        started: Instant,
+        result: Result<CommandOutput, SshError>,
+        detail: impl Fn(&CommandOutput) -> String,
+    ) -> Result<CommandOutput, Error> {
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(output) => {
+                let ok = output.is_success();
+                let stderr_tail = if ok {
+                    String::new()
+                } else {
+                    output.stderr_tail(8)
+                };
+                self.reporter.finish_step(StepRecord {
+                    name: name.to_string(),
+                    exit_code: output.exit_status,
+                    duration_ms,
+                    ok,
+                    detail: detail(&output),
+                    stderr_tail: stderr_tail.clone(),
+                });
+                if ok {
+                    Ok(output)
+                } else {
+                    let status = output
+                        .exit_status
+                        .map_or("no exit status (killed by a signal)".to_string(), |code| {
+                            format!("exit status {code}")
+                        });
+                    Err(Error::StepFailed {
+                        step: name.to_string(),
+                        message: if stderr_tail.is_empty() {
+                            status
+                        } else {
+                            format!("{status}: {stderr_tail}")
+                        },
+                    })
+                }
+            }
+            Err(error) => {
+                self.reporter.finish_step(StepRecord {
+                    name: name.to_string(),
+                    exit_code: None,
+                    duration_ms,
+                    ok: false,
+                    detail: error.to_string(),
+                    stderr_tail: String::new(),
+                });
+                Err(Error::Ssh(error))
+            }
+        }
+    }
+
+    /// Opens the session and reports it as the `connect` step.
+    pub async fn connect(&mut self) -> Result<Session, Error> {
+        self.reporter.start_step("connect");
+        let started = Instant::now();
+        match Session::connect(&self.plan.target).await {
+            Ok(session) => {
+                self.local_step("connect", started, true, self.plan.display());
+                Ok(session)
+            }
+            Err(error) => {
+                self.local_step("connect", started, false, error.to_string());
+                Err(Error::Ssh(error))
+            }
+        }
+    }
+
+    /// Takes the deploy lock, retrying once a second until `--lock-wait` runs out.
+    pub async fn lock(
+        &mut self,
+        session: &Session,
+        wait: Option<Duration>,
+    ) -> Result<DeployLock, Error> {
+        self.reporter.start_step("lock");
+        let started = Instant::now();
+        let holder = serde_json::json!({
+            "user": self.plan.deployer.user,
+            "host": self.plan.deployer.host,
+            "github_run": self.plan.deployer.github.as_ref().map(|run| format!("{}/actions/runs/{}", run.repository, run.run_id)),
+            "pid": std::process::id(),
+            "since": crate::releases::timestamp(OffsetDateTime::now_utc()),
+            "command": self.summary.command,
+        })
+        .to_string();
+        let deadline = wait.map(|wait| started + wait);
+        loop {
+            let attempt =
+                DeployLock::try_acquire(session, self.layout(), &holder, self.plan.step_deadline())
+                    .await;
+            match attempt {
+                Ok(Attempt::Acquired(lock)) => {
+                    let waited = started.elapsed().as_secs();
+                    let detail = if waited > 0 {
+                        format!("acquired after {waited}s")
+                    } else {
+                        String::new()
+                    };
+                    self.local_step("lock", started, true, detail);
+                    return Ok(lock);
+                }
+                Ok(Attempt::Taken(record)) => {
+                    let holder = describe_holder(&record);
+                    match deadline {
+                        Some(deadline) if Instant::now() < deadline => {
+                            let left = deadline.saturating_duration_since(Instant::now()).as_secs();
+                            self.reporter.note(&format!(
+                                "waiting for the lock held by {holder}; {left}s left"
+                            ));
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                _ = self.interrupt.wait() => return Err(Error::Interrupted),
+                            }
+                        }
+                        _ => {
+                            self.local_step("lock", started, false, format!("held by {holder}"));
+                            return Err(Error::Locked {
+                                host: self.plan.config.host_name.clone(),
+                                path: self.plan.config.path.clone(),
+                                holder,
+                            });
+                        }
+                    }
+                }
+                Err(error) => {
+                    self.local_step("lock", started, false, error.to_string());
+                    return Err(Error::Ssh(error));
+                }
+            }
+        }
+    }
+
+    /// Runs `prepare` and parses what it prints.
+    pub async fn prepare(
+        &mut self,
+        session: &Session,
+        artifact_sha256: &str,
+    ) -> Result<HostFacts, Error> {
+        let command = remote::prepare(self.layout(), artifact_sha256, &self.plan.config.unit);
+        let output = self
+            .remote_step(
+                session,
+                "prepare",
+                &command,
+                self.plan.step_deadline(),
+                |output| {
+                    let facts = HostFacts::parse(&output.stdout_text());
+                    let live = facts.live.unwrap_or_else(|| "none".to_string());
+                    format!("python {}, live release {live}", facts.python_version)
+                },
+            )
+            .await?;
+        let facts = HostFacts::parse(&output.stdout_text());
+        for partial in &facts.removed_partials {
+            self.reporter
+                .note(&format!("removed {partial}, left by an interrupted push"));
+        }
+        Ok(facts)
+    }
+
+    /// Appends an event to the release log. A failure here is reported but does not undo the deploy.
+    pub async fn log_event(&mut self, session: &Session, event: &LogEvent) {
+        let line = serde_json::to_string(event).expect("log events always serialize");
+        let command = remote::append_log(self.layout(), &line);
+        if let Err(error) = session.run(&command, None, self.plan.step_deadline()).await {
+            self.reporter.note(&format!(
+                "warning: failed to append to the release log: {error}"
+            ));
+        }
+    }
+
+    pub fn event(&self, action: Action, release: &str, outcome: Outcome) -> LogEvent {
+        LogEvent {
+            action,
+            release: release.to_string(),
+            outcome,
+            artifact_sha256: self.summary.artifact_sha256.clone().unwrap_or_default(),
+            venv_key: self.summary.venv_key.clone(),
+            venv_reused: self.summary.venv_reused,
+            previous: self.summary.previous_release.clone(),
+            deployer: self.plan.deployer.clone(),
+            started_at: crate::releases::timestamp(self.started_at),
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            reason: None,
+        }
+    }
+
+    /// Removes what retention no longer needs. Runs after the switch, so a failure is a warning
+    /// with its own exit code, never a reason to doubt the live release.
+    pub async fn prune(
+        &mut self,
+        session: &Session,
+        facts: &HostFacts,
+        live: &str,
+        history: &History,
+    ) -> Result<(), Error> {
+        let mut on_host = facts.releases.clone();
+        on_host.insert(live.to_string());
+        let (releases, venvs) = crate::releases::plan_prune(
+            history,
+            live,
+            self.plan.config.keep,
+            &on_host,
+            &facts.venv_links,
+            &facts.venvs,
+        );
+        if releases.is_empty() && venvs.is_empty() {
+            return Ok(());
+        }
+        let command = remote::prune(self.layout(), &releases, &venvs);
+        let detail = format!(
+            "removed {} release(s), {} venv(s)",
+            releases.len(),
+            venvs.len()
+        );
+        self.remote_step(
+            session,
+            "prune",
+            &command,
+            self.plan.step_deadline(),
+            |_| detail.clone(),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|error| Error::Housekeeping {
+            release: live.to_string(),
+            message: error.to_string(),
+        })
+    }
+}
+
+/// Formats a lock holder record for a message: "alice@laptop (pid 42) since 2026-12-04T15:01:02Z".
+fn describe_holder(record: &str) -> String {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(record.lines().next().unwrap_or(""))
+    else {
+        return "another deploy (no holder record)".to_string();
+    };
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(|field| field.as_str())
+            .unwrap_or("?")
+            .to_string()
+    };
+    let mut text = format!(
+        "{}@{} (pid {})",
+        field("user"),
+        field("host"),
+        value
+            .get("pid")
+            .map_or("?".to_string(), |pid| pid.to_string())
+    );
+    if let Some(run) = value.get("github_run").and_then(|run| run.as_str()) {
+        text.push_str(&format!(", GitHub run {run}"));
+    }
+    format!(
+        "{text} running `{}` since {}",
+        field("command"),
+        field("since")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facts_parse_prepare_output() {
+        let output = "uid=1000\npython=3.11.2\ncurrent=releases/r2\nrelease=r1 /srv/app/venvs/k1\nrelease=r2 \nvenv=k1\nsudo=ok\n---releases.jsonl---\n{bad json\n";
+        let facts = HostFacts::parse(output);
+        assert!(!facts.is_root);
+        assert_eq!(facts.python_version, "3.11.2");
+        assert_eq!(facts.live.as_deref(), Some("r2"));
+        assert_eq!(facts.releases.len(), 2);
+        assert_eq!(
+            facts.venv_links.get("r1").map(String::as_str),
+            Some("/srv/app/venvs/k1")
+        );
+        assert!(facts.can_sudo);
+        assert!(facts.history.events.is_empty());
+    }
+
+    #[test]
+    fn holder_description_names_user_and_time() {
+        let text = describe_holder(
+            r#"{"user":"alice","host":"laptop","pid":42,"since":"2026-12-04T15:01:02Z","command":"push"}"#,
+        );
+        assert_eq!(
+            text,
+            "alice@laptop (pid 42) running `push` since 2026-12-04T15:01:02Z"
+        );
+    }
+}

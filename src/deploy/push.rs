@@ -1,0 +1,543 @@
+//! `crucible push`: scan, connect, lock, prepare, upload, venv, shared, unit, then activate.
+
+use std::io::{self, Write};
+use std::time::Instant;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+use super::activate::{self, Activation, unit_detail};
+use super::{Context, DeployOptions, HostFacts};
+use crate::archive::Manifest;
+use crate::error::Error;
+use crate::releases::{Action, Outcome, release_id};
+use crate::remote;
+use crate::ssh::{Session, SshError, collect_output};
+
+/// Size of the pieces the compressed stream is cut into before they go on the channel. Large
+/// writes matter: 8 KiB writes moved about half the bytes per second of 1 MiB ones on loopback.
+const CHUNK_SIZE: usize = 1 << 20;
+
+/// How many chunks may wait between the compressor and the channel, bounding client memory.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// The local inputs of a push, checked before anything connects.
+pub struct Artifact {
+    pub manifest: Manifest,
+    /// Requirements file path relative to the release, and its content.
+    pub requirements: Option<(String, Vec<u8>)>,
+}
+
+impl Artifact {
+    /// The venv key: the requirements' content and the host's Python version, hashed.
+    pub fn venv_key(&self, python_version: &str) -> Option<String> {
+        let (_, content) = self.requirements.as_ref()?;
+        let mut hasher = Sha256::new();
+        hasher.update(content);
+        hasher.update(b"\0python=");
+        hasher.update(python_version.as_bytes());
+        Some(hex::encode(hasher.finalize())[..16].to_string())
+    }
+}
+
+/// Scans the app tree and checks that the files hosts.toml names are part of it.
+pub fn scan(ctx: &mut Context<'_>) -> Result<Artifact, Error> {
+    let config = &ctx.plan.config;
+    ctx.reporter.start_step("scan");
+    let started = Instant::now();
+    let manifest = Manifest::scan(&config.source, &config.exclude)
+        .map_err(|error| Error::Usage(error.to_string()))?;
+
+    let contains = |path: &str| manifest.entries.iter().any(|entry| entry.path == path);
+    let mut requirements = None;
+    if let Some(relative) = &config.requirements {
+        let relative = relative.to_string_lossy().to_string();
+        let path = config.source.join(&relative);
+        let content = std::fs::read(&path).map_err(|source| Error::Archive {
+            path: path.clone(),
+            source,
+        })?;
+        if !contains(&relative) {
+            return Err(Error::Usage(format!(
+                "requirements file {relative} is excluded from the release; remove it from exclude, .gitignore or .crucibleignore"
+            )));
+        }
+        requirements = Some((relative, content));
+    }
+    if let Some(unit_file) = &config.unit_file {
+        let unit_file = unit_file.to_string_lossy();
+        if !contains(&unit_file) {
+            return Err(Error::Usage(format!(
+                "unit_file {unit_file} is not in the app directory {} (or is excluded); fix unit_file in hosts.toml",
+                config.source.display()
+            )));
+        }
+    }
+
+    let detail = format!(
+        "{} files, {:.1} MB, sha256 {}",
+        manifest.file_count(),
+        manifest.total_bytes() as f64 / 1e6,
+        manifest.short_sha()
+    );
+    ctx.local_step("scan", started, true, detail);
+    ctx.summary.artifact_sha256 = Some(manifest.sha256.clone());
+    Ok(Artifact {
+        manifest,
+        requirements,
+    })
+}
+
+/// Runs a whole push; the summary in `ctx` says how far it got.
+pub async fn run(ctx: &mut Context<'_>, options: &DeployOptions) -> Result<(), Error> {
+    let artifact = scan(ctx)?;
+    if options.dry_run {
+        print_plan(ctx, &artifact);
+        ctx.summary.outcome = "dry_run".to_string();
+        return Ok(());
+    }
+    let session = ctx.connect().await?;
+    let lock = ctx.lock(&session, options.lock_wait).await?;
+    let result = push_locked(ctx, &session, &artifact, options).await;
+    lock.release().await;
+    session.close().await;
+    result
+}
+
+fn print_plan(ctx: &mut Context<'_>, artifact: &Artifact) {
+    let config = &ctx.plan.config;
+    let id = release_id(OffsetDateTime::now_utc(), artifact.manifest.short_sha());
+    let layout = ctx.layout().clone();
+    let mut steps = vec![
+        format!("connect to {}", ctx.plan.display()),
+        format!("lock {}", remote::lock::lock_path(&layout)),
+        "prepare: create the layout, read the live release and the release log".to_string(),
+        format!(
+            "upload {} files ({:.1} MB) into {}",
+            artifact.manifest.file_count(),
+            artifact.manifest.total_bytes() as f64 / 1e6,
+            layout.partial(&id)
+        ),
+    ];
+    if let Some((path, _)) = &artifact.requirements {
+        steps.push(format!(
+            "venv: python3 -m venv + pip install -r {path}, unless an identical venv exists"
+        ));
+    }
+    if !config.shared.is_empty() {
+        steps.push(format!(
+            "shared: link {} from {}",
+            config.shared.join(", "),
+            layout.shared()
+        ));
+    }
+    if let Some(unit_file) = &config.unit_file {
+        steps.push(format!(
+            "unit: install {} as /etc/systemd/system/{} if it changed",
+            unit_file.display(),
+            config.unit
+        ));
+    }
+    steps.push(format!("switch {} -> releases/{id}", layout.current()));
+    steps.push(format!("restart {}, then the health gate", config.unit));
+    steps.push(format!("prune to {} releases", config.keep));
+    ctx.summary.release = Some(id);
+    for (number, step) in steps.iter().enumerate() {
+        ctx.reporter.note(&format!("{}. {step}", number + 1));
+    }
+}
+
+async fn push_locked(
+    ctx: &mut Context<'_>,
+    session: &Session,
+    artifact: &Artifact,
+    options: &DeployOptions,
+) -> Result<(), Error> {
+    let facts = ctx.prepare(session, &artifact.manifest.sha256).await?;
+    check_privileges(ctx, &facts)?;
+    ctx.summary.previous_release = facts.live.clone();
+    ctx.summary.venv_key = artifact.venv_key(&facts.python_version);
+
+    if let Some(existing) = &facts.existing
+        && facts.live.as_deref() == Some(existing.as_str())
+    {
+        ctx.summary.release = Some(existing.clone());
+        ctx.summary.files_sent = Some(0);
+        ctx.summary.bytes_sent = Some(0);
+        ctx.summary.outcome = "unchanged".to_string();
+        return Ok(());
+    }
+    let is_fresh = facts.existing.is_none();
+    let id = facts
+        .existing
+        .clone()
+        .unwrap_or_else(|| release_id(OffsetDateTime::now_utc(), artifact.manifest.short_sha()));
+    ctx.summary.release = Some(id.clone());
+
+    let interrupt = ctx.interrupt.clone();
+    let prepared = tokio::select! {
+        result = prepare_release(ctx, session, artifact, &facts, &id, is_fresh) => result,
+        _ = interrupt.wait() => Err(Error::Interrupted),
+    };
+    if let Err(error) = prepared {
+        if is_fresh {
+            let command = remote::discard(ctx.layout(), &id);
+            let _ = ctx
+                .remote_step(
+                    session,
+                    "cleanup",
+                    &command,
+                    ctx.plan.step_deadline(),
+                    |_| "removed the unfinished release".to_string(),
+                )
+                .await;
+        }
+        let event = ctx.event(Action::Push, &id, Outcome::Failed);
+        ctx.log_event(session, &LogReason::with(event, &error))
+            .await;
+        ctx.summary.outcome = if matches!(error, Error::Interrupted) {
+            "interrupted"
+        } else {
+            "failed_before_switch"
+        }
+        .to_string();
+        return Err(error);
+    }
+
+    let activation = activate::activate(
+        ctx,
+        session,
+        &id,
+        facts.live.as_deref(),
+        is_fresh,
+        facts.is_root,
+        options.no_rollback,
+    )
+    .await;
+    if ctx.interrupt.is_set() {
+        ctx.reporter
+            .note("interrupted after the switch: the restart and health check were finished first");
+    }
+    finish_activation(ctx, session, &facts, &id, activation).await
+}
+
+/// Logs how the activation ended and prunes after a success.
+pub async fn finish_activation(
+    ctx: &mut Context<'_>,
+    session: &Session,
+    facts: &HostFacts,
+    id: &str,
+    activation: Result<Activation, Error>,
+) -> Result<(), Error> {
+    let mut history = facts.history.clone();
+    let action = if ctx.summary.command == "rollback" {
+        Action::Rollback
+    } else {
+        Action::Push
+    };
+    match activation {
+        Ok(Activation::Healthy) => {
+            let event = ctx.event(action, id, Outcome::Deployed);
+            ctx.log_event(session, &event).await;
+            history.events.push(event);
+            ctx.summary.outcome = "deployed".to_string();
+            if let Err(error) = ctx.prune(session, facts, id, &history).await {
+                ctx.summary.outcome = "housekeeping_failed".to_string();
+                return Err(error);
+            }
+            Ok(())
+        }
+        Ok(Activation::RolledBack { reason }) => {
+            let previous = ctx.summary.previous_release.clone().unwrap_or_default();
+            let mut failed = ctx.event(action, id, Outcome::RolledBack);
+            failed.reason = Some(reason.clone());
+            ctx.log_event(session, &failed).await;
+            let mut restored = ctx.event(Action::Rollback, &previous, Outcome::Deployed);
+            restored.reason = Some(format!("automatic: {id} failed its health check"));
+            restored.previous = Some(id.to_string());
+            ctx.log_event(session, &restored).await;
+            ctx.summary.outcome = "rolled_back".to_string();
+            ctx.reporter.note(&format!("{id} failed: {reason}"));
+            Err(Error::RolledBack {
+                release: id.to_string(),
+                previous,
+            })
+        }
+        Ok(Activation::Broken { reason }) => {
+            let mut event = ctx.event(action, id, Outcome::Broken);
+            event.reason = Some(reason.clone());
+            ctx.log_event(session, &event).await;
+            ctx.summary.outcome = "rollback_failed".to_string();
+            Err(Error::RollbackFailed {
+                release: id.to_string(),
+                message: reason,
+            })
+        }
+        Err(error) => {
+            // The switch step itself failed, so `current` still points where it did.
+            let mut event = ctx.event(action, id, Outcome::Failed);
+            event.reason = Some(error.to_string());
+            ctx.log_event(session, &event).await;
+            ctx.summary.outcome = "failed_before_switch".to_string();
+            Err(error)
+        }
+    }
+}
+
+struct LogReason;
+
+impl LogReason {
+    fn with(mut event: crate::releases::LogEvent, error: &Error) -> crate::releases::LogEvent {
+        event.reason = Some(error.to_string());
+        event
+    }
+}
+
+/// Fails before any change when the deploy user cannot restart the unit, or the unit is unknown.
+fn check_privileges(ctx: &mut Context<'_>, facts: &HostFacts) -> Result<(), Error> {
+    let config = &ctx.plan.config;
+    if !facts.is_root && !facts.can_sudo {
+        return Err(Error::StepFailed {
+            step: "prepare".to_string(),
+            message: format!(
+                "user `{}` may not run `systemctl restart {}` through sudo without a password; as root on the host, \
+                 run `visudo -f /etc/sudoers.d/crucible` and add:\n    {}",
+                config.user,
+                config.unit,
+                remote::sudoers_line(&config.user, &config.unit)
+            ),
+        });
+    }
+    if config.unit_file.is_none() && facts.unit_load_state == "not-found" {
+        return Err(Error::StepFailed {
+            step: "prepare".to_string(),
+            message: format!(
+                "unit {} is not known to systemd on the host; install it, or set unit_file in hosts.toml",
+                config.unit
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Everything before the switch: upload, venv, shared paths, unit file. Nothing here touches
+/// `current` or the running service, so stopping at any point leaves the host as it was.
+async fn prepare_release(
+    ctx: &mut Context<'_>,
+    session: &Session,
+    artifact: &Artifact,
+    facts: &HostFacts,
+    id: &str,
+    is_fresh: bool,
+) -> Result<(), Error> {
+    let release_dir = if is_fresh {
+        ctx.layout().partial(id)
+    } else {
+        ctx.layout().release(id)
+    };
+    if is_fresh {
+        upload(ctx, session, &artifact.manifest, id).await?;
+    } else {
+        ctx.local_step(
+            "upload",
+            Instant::now(),
+            true,
+            format!("skipped: {id} is already on the host"),
+        );
+        ctx.summary.files_sent = Some(0);
+        ctx.summary.bytes_sent = Some(0);
+        ctx.summary.files_reused = Some(artifact.manifest.file_count());
+    }
+
+    if let (Some((requirements, _)), Some(key)) =
+        (&artifact.requirements, ctx.summary.venv_key.clone())
+    {
+        let command =
+            remote::sync_venv(ctx.layout(), &release_dir, &key, requirements, facts.has_uv);
+        let output = ctx
+            .remote_step(
+                session,
+                "venv",
+                &command,
+                ctx.plan.config.timeouts.venv,
+                |output| {
+                    if output.stdout_text().contains("venv=reused") {
+                        format!("reused {key}")
+                    } else {
+                        format!("built {key}")
+                    }
+                },
+            )
+            .await?;
+        ctx.summary.venv_reused = Some(output.stdout_text().contains("venv=reused"));
+    }
+
+    if !ctx.plan.config.shared.is_empty() {
+        let command = remote::link_shared(ctx.layout(), &release_dir, &ctx.plan.config.shared);
+        let output = ctx
+            .remote_step(
+                session,
+                "shared",
+                &command,
+                ctx.plan.step_deadline(),
+                |_| format!("linked {}", ctx_shared_list(&command)),
+            )
+            .await?;
+        for (key, warning) in remote::parse_facts(&output.stdout_text()) {
+            if key == "warning" {
+                ctx.reporter.note(&format!("warning: {warning}"));
+            }
+        }
+    }
+
+    if let Some(unit_file) = &ctx.plan.config.unit_file {
+        let command = remote::install_unit(
+            &release_dir,
+            &unit_file.to_string_lossy(),
+            &ctx.plan.config.unit,
+            facts.is_root,
+        );
+        ctx.remote_step(
+            session,
+            "unit",
+            &command,
+            ctx.plan.step_deadline(),
+            unit_detail,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+fn ctx_shared_list(command: &str) -> usize {
+    command.matches("ln -s --").count()
+}
+
+/// Streams the archive into `tar -x` on the host while it is being built: the tree is read,
+/// compressed and sent in one pass, with at most [`CHUNKS_IN_FLIGHT`] chunks held in memory.
+async fn upload(
+    ctx: &mut Context<'_>,
+    session: &Session,
+    manifest: &Manifest,
+    id: &str,
+) -> Result<(), Error> {
+    let command = remote::unpack(ctx.layout(), id);
+    ctx.reporter.start_step("upload");
+    let bar = ctx.reporter.upload_bar();
+    let started = Instant::now();
+    let deadline = ctx.plan.config.timeouts.upload;
+
+    let transfer = async {
+        let mut channel = session.open(&command).await?;
+        let (sender, mut receiver) = mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
+        let manifest = manifest.clone();
+        let producer = tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let writer = ChunkWriter::new(sender);
+            let encoder = flate2::write::GzEncoder::new(writer, flate2::Compression::fast());
+            let mut writer = manifest.write_tar(encoder, None)?.finish()?;
+            writer.flush()
+        });
+        let mut sent = 0u64;
+        while let Some(chunk) = receiver.recv().await {
+            let size = chunk.len() as u64;
+            if channel.data_bytes(chunk).await.is_err() {
+                // The remote tar exited early; its status and stderr say why.
+                break;
+            }
+            sent += size;
+            if let Some(bar) = &bar {
+                bar.inc(size);
+            }
+        }
+        drop(receiver);
+        let _ = channel.eof().await;
+        let output = collect_output(&mut channel, &command).await?;
+        let produced = producer
+            .await
+            .unwrap_or_else(|error| Err(io::Error::other(error)));
+        Ok::<_, SshError>((output, produced, sent))
+    };
+    let result = tokio::time::timeout(deadline, transfer)
+        .await
+        .unwrap_or_else(|_| {
+            Err(SshError::Timeout {
+                command: "upload".to_string(),
+                seconds: deadline.as_secs(),
+            })
+        });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+
+    let (output, produced, sent) = match result {
+        Ok(parts) => parts,
+        Err(error) => {
+            return ctx
+                .finish_remote_step("upload", started, Err(error), |_| String::new())
+                .map(|_| ());
+        }
+    };
+    if let Err(error) = produced
+        && output.is_success()
+    {
+        return Err(Error::Archive {
+            path: manifest.source.clone(),
+            source: error,
+        });
+    }
+    let seconds = started.elapsed().as_secs_f64().max(0.001);
+    let detail = format!(
+        "{} files, {:.1} MB compressed, {:.1} MB/s",
+        manifest.file_count(),
+        sent as f64 / 1e6,
+        sent as f64 / 1e6 / seconds
+    );
+    ctx.summary.files_sent = Some(manifest.file_count());
+    ctx.summary.bytes_sent = Some(sent);
+    ctx.summary.files_reused = Some(0);
+    ctx.finish_remote_step("upload", started, Ok(output), |_| detail.clone())
+        .map(|_| ())
+}
+
+/// A `Write` that cuts the compressed stream into [`CHUNK_SIZE`] pieces for the async side.
+struct ChunkWriter {
+    sender: mpsc::Sender<Bytes>,
+    buffer: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn new(sender: mpsc::Sender<Bytes>) -> ChunkWriter {
+        ChunkWriter {
+            sender,
+            buffer: Vec::with_capacity(CHUNK_SIZE),
+        }
+    }
+
+    fn send_buffer(&mut self) -> io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK_SIZE));
+        self.sender
+            .blocking_send(Bytes::from(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload channel closed"))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = CHUNK_SIZE - self.buffer.len();
+        let taken = room.min(data.len());
+        self.buffer.extend_from_slice(&data[..taken]);
+        if self.buffer.len() == CHUNK_SIZE {
+            self.send_buffer()?;
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_buffer()
+    }
+}

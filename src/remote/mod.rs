@@ -1,0 +1,463 @@
+//! The host steps, built as data: each function returns the exact shell text one exec channel runs.
+//!
+//! Every value that reaches the host's shell passes through [`quote`]; nothing is interpolated by
+//! hand. The host needs only sh, coreutils, tar, flock, python3 and systemd.
+
+pub mod health;
+pub mod lock;
+
+use std::fmt::Write as _;
+
+use crate::archive::MANIFEST_NAME;
+
+/// Quotes one argument for a POSIX shell.
+///
+/// Config validation rejects NUL bytes, the only input `shlex` cannot quote, so this never fails
+/// on a validated plan.
+pub fn quote(value: &str) -> String {
+    shlex::try_quote(value)
+        .map(|quoted| quoted.into_owned())
+        .unwrap_or_else(|_| "''".to_string())
+}
+
+/// The files crucible owns under a host's deploy path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub root: String,
+}
+
+impl Layout {
+    pub fn new(root: &str) -> Layout {
+        Layout {
+            root: root.trim_end_matches('/').to_string(),
+        }
+    }
+
+    pub fn releases(&self) -> String {
+        format!("{}/releases", self.root)
+    }
+
+    pub fn release(&self, id: &str) -> String {
+        format!("{}/releases/{id}", self.root)
+    }
+
+    /// Where a release is unpacked and prepared; renamed to [`Layout::release`] once complete.
+    pub fn partial(&self, id: &str) -> String {
+        format!("{}/releases/{id}.partial", self.root)
+    }
+
+    pub fn current(&self) -> String {
+        format!("{}/current", self.root)
+    }
+
+    pub fn venvs(&self) -> String {
+        format!("{}/venvs", self.root)
+    }
+
+    pub fn venv(&self, key: &str) -> String {
+        format!("{}/venvs/{key}", self.root)
+    }
+
+    pub fn shared(&self) -> String {
+        format!("{}/shared", self.root)
+    }
+
+    /// crucible's own state: the lock, its holder and the release log.
+    pub fn state(&self) -> String {
+        format!("{}/.crucible", self.root)
+    }
+
+    pub fn log(&self) -> String {
+        format!("{}/.crucible/releases.jsonl", self.root)
+    }
+}
+
+/// Marker written into a venv after its last package installed: a venv without it is half-built.
+pub const VENV_COMPLETE: &str = ".crucible-complete";
+
+/// Creates the layout, removes releases left `.partial` by an interrupted push, and prints the
+/// facts later steps need as `key=value` lines, then the release log.
+///
+/// Run under the deploy lock, so no other push can be writing a `.partial` directory.
+pub fn prepare(layout: &Layout, artifact_sha256: &str, unit: &str) -> String {
+    let mut script = String::from("set -e\n");
+    let _ = writeln!(
+        script,
+        "mkdir -p -- {releases} {venvs} {shared} {state}",
+        releases = quote(&layout.releases()),
+        venvs = quote(&layout.venvs()),
+        shared = quote(&layout.shared()),
+        state = quote(&layout.state()),
+    );
+    let _ = writeln!(
+        script,
+        "for dir in {}/*.partial; do if [ -e \"$dir\" ]; then rm -rf -- \"$dir\"; echo \"removed=${{dir##*/}}\"; fi; done",
+        quote(&layout.releases()),
+    );
+    script.push_str(&inventory(layout, artifact_sha256, unit));
+    script
+}
+
+/// Prints what is on the host without changing anything: the user, Python, the live release, the
+/// complete releases with their venv links, the venvs, and the release log after [`LOG_MARKER`].
+pub fn inventory(layout: &Layout, artifact_sha256: &str, unit: &str) -> String {
+    let root = quote(&layout.root);
+    let releases = quote(&layout.releases());
+    let short = &artifact_sha256[..8];
+    let mut script = String::new();
+    script.push_str("echo \"uid=$(id -u)\"\n");
+    script.push_str(
+        "echo \"python=$(python3 -c 'import sys; print(\"%d.%d.%d\" % sys.version_info[:3])')\"\n",
+    );
+    script.push_str("if command -v uv >/dev/null 2>&1; then echo uv=yes; fi\n");
+    let _ = writeln!(
+        script,
+        "if [ \"$(id -u)\" = 0 ] || sudo -n -l systemctl restart -- {unit} >/dev/null 2>&1; then echo sudo=ok; else echo sudo=missing; fi",
+        unit = quote(unit),
+    );
+    let _ = writeln!(
+        script,
+        "echo \"unit_load=$(systemctl show --property=LoadState --value -- {} 2>/dev/null || true)\"",
+        quote(unit),
+    );
+    let _ = writeln!(
+        script,
+        "echo \"current=$(readlink -- {root}/current || true)\""
+    );
+    let _ = writeln!(
+        script,
+        "for dir in {releases}/*; do if [ -f \"$dir/{MANIFEST_NAME}\" ]; then echo \"release=${{dir##*/}} $(readlink -- \"$dir/.venv\" || true)\"; fi; done"
+    );
+    let _ = writeln!(
+        script,
+        "for dir in {releases}/*-{short}; do if [ -f \"$dir/{MANIFEST_NAME}\" ] && [ \"$(head -n 1 -- \"$dir/{MANIFEST_NAME}\")\" = {header} ]; then echo \"existing=${{dir##*/}}\"; fi; done",
+        header = quote(&format!("# crucible manifest v1 {artifact_sha256}")),
+    );
+    let _ = writeln!(
+        script,
+        "for dir in {venvs}/*; do if [ -d \"$dir\" ]; then echo \"venv=${{dir##*/}}\"; fi; done",
+        venvs = quote(&layout.venvs()),
+    );
+    let _ = writeln!(script, "echo {LOG_MARKER}");
+    let _ = writeln!(
+        script,
+        "cat -- {} 2>/dev/null || true",
+        quote(&layout.log())
+    );
+    script
+}
+
+/// Line of `prepare`'s output after which the release log follows verbatim.
+pub const LOG_MARKER: &str = "---releases.jsonl---";
+
+/// Unpacks the tar.gz arriving on stdin into a fresh `.partial` directory.
+///
+/// `--no-same-owner` gives the files to the deploy user even when it is root, and `-p` keeps the
+/// archive's mode bits exactly instead of applying the remote umask.
+pub fn unpack(layout: &Layout, id: &str) -> String {
+    let partial = quote(&layout.partial(id));
+    format!("mkdir -- {partial} && tar -xzf - --no-same-owner -p -C {partial}")
+}
+
+/// Ensures the venv for `key` exists, building it in place when its marker is missing, and links
+/// it as `<release>/.venv`.
+///
+/// A venv cannot be moved once built (its scripts hold absolute paths), so it is built at its final
+/// path and the marker, written last, tells a complete venv from one cut short.
+pub fn sync_venv(
+    layout: &Layout,
+    release_dir: &str,
+    key: &str,
+    requirements: &str,
+    use_uv: bool,
+) -> String {
+    let venv = quote(&layout.venv(key));
+    let release = quote(release_dir);
+    let requirements = quote(requirements);
+    let install = if use_uv {
+        // NOTE: only the python3 -m venv branch runs in the test hosts, which have no uv.
+        format!(
+            "uv venv --python python3 {venv} && VIRTUAL_ENV={venv} uv pip install -r {requirements}"
+        )
+    } else {
+        format!(
+            "python3 -m venv -- {venv} && {venv}/bin/pip install --disable-pip-version-check --no-input -r {requirements}"
+        )
+    };
+    format!(
+        "set -e\n\
+         if [ -f {venv}/{VENV_COMPLETE} ]; then echo venv=reused; else\n\
+         rm -rf -- {venv}\n\
+         cd -- {release}\n\
+         {install}\n\
+         touch -- {venv}/{VENV_COMPLETE}\n\
+         echo venv=built\n\
+         fi\n\
+         ln -sfn -- {venv} {release}/.venv\n"
+    )
+}
+
+/// Links each shared path from `<path>/shared` into the release.
+///
+/// A shared directory (written with a trailing `/`) is created when missing; a missing shared file
+/// is an error that says where to put it. When the release itself contains a shared path, the
+/// shared copy wins and a `warning=` line says so.
+pub fn link_shared(layout: &Layout, release_dir: &str, shared: &[String]) -> String {
+    let mut script = String::from("set -e\n");
+    for entry in shared {
+        let is_directory = entry.ends_with('/');
+        let name = entry.trim_end_matches('/');
+        let source = quote(&format!("{}/{name}", layout.shared()));
+        let target = quote(&format!("{release_dir}/{name}"));
+        let parent = quote(&format!(
+            "{release_dir}/{}",
+            name.rsplit_once('/')
+                .map(|(parent, _)| parent)
+                .unwrap_or(".")
+        ));
+        if is_directory {
+            let _ = writeln!(script, "mkdir -p -- {source}");
+        } else {
+            let _ = writeln!(
+                script,
+                "if [ ! -e {source} ]; then echo {message} >&2; exit 3; fi",
+                message = quote(&format!(
+                    "shared file {}/{name} is missing; create it on the host before pushing",
+                    layout.shared()
+                )),
+            );
+        }
+        let _ = writeln!(
+            script,
+            "if [ -e {target} ] || [ -L {target} ]; then rm -rf -- {target}; echo {warning}; fi",
+            warning = quote(&format!(
+                "warning=the release contains {name}; the shared copy replaces it"
+            )),
+        );
+        let _ = writeln!(script, "mkdir -p -- {parent}");
+        let _ = writeln!(script, "ln -s -- {source} {target}");
+    }
+    script
+}
+
+/// `sudo -n ` for a non-root deploy user; `-n` fails at once instead of prompting for a password.
+pub fn privilege(is_root: bool) -> &'static str {
+    if is_root { "" } else { "sudo -n " }
+}
+
+/// Installs the release's unit file when it differs from the installed one, then reloads systemd
+/// and enables the unit. Prints `unit=installed` or `unit=unchanged`.
+pub fn install_unit(release_dir: &str, unit_file: &str, unit: &str, is_root: bool) -> String {
+    let sudo = privilege(is_root);
+    let source = quote(&format!("{release_dir}/{unit_file}"));
+    let installed = quote(&format!("/etc/systemd/system/{unit}"));
+    let unit = quote(unit);
+    format!(
+        "set -e\n\
+         if cmp -s -- {source} {installed}; then echo unit=unchanged; exit 0; fi\n\
+         {sudo}tee {installed} < {source} > /dev/null\n\
+         {sudo}systemctl daemon-reload\n\
+         {sudo}systemctl enable {unit}\n\
+         echo unit=installed\n"
+    )
+}
+
+/// Renames the prepared `.partial` directory to its final name.
+pub fn finalize(layout: &Layout, id: &str) -> String {
+    format!(
+        "mv -T -- {} {}",
+        quote(&layout.partial(id)),
+        quote(&layout.release(id))
+    )
+}
+
+/// Points `current` at the release in one `rename(2)`: a new symlink is made under a temporary name
+/// and moved over the old one, so a reader always finds either the old or the new target. `ln -sfn`
+/// would unlink first and leave a moment without `current`.
+pub fn switch_current(layout: &Layout, id: &str) -> String {
+    let next = quote(&format!("{}/.current.next", layout.root));
+    let target = quote(&format!("releases/{id}"));
+    format!(
+        "rm -f -- {next} && ln -s -- {target} {next} && mv -T -- {next} {current}",
+        current = quote(&layout.current())
+    )
+}
+
+pub fn restart(unit: &str, is_root: bool) -> String {
+    format!("{}systemctl restart -- {}", privilege(is_root), quote(unit))
+}
+
+/// The unit's state as `key=value` lines, readable without privileges.
+pub fn unit_state(unit: &str) -> String {
+    format!(
+        "systemctl show --property=ActiveState,SubState,NRestarts,MainPID,ActiveEnterTimestamp,LoadState -- {}",
+        quote(unit)
+    )
+}
+
+/// The last `lines` journal lines of the unit; falls back to sudo for a user outside the journal groups.
+pub fn journal(unit: &str, lines: u32, is_root: bool) -> String {
+    let unit = quote(unit);
+    let plain = format!("journalctl --no-pager --output=short-iso -n {lines} -u {unit}");
+    if is_root {
+        plain
+    } else {
+        format!("{plain} 2>/dev/null || sudo -n {plain}")
+    }
+}
+
+/// Appends one line to the release log. A crash mid-write leaves at most a truncated last line,
+/// which readers skip.
+pub fn append_log(layout: &Layout, line: &str) -> String {
+    format!("printf '%s\\n' {} >> {}", quote(line), quote(&layout.log()))
+}
+
+/// Removes the given releases and venvs; run only after the switch.
+pub fn prune(layout: &Layout, releases: &[String], venvs: &[String]) -> String {
+    let mut paths: Vec<String> = releases
+        .iter()
+        .map(|id| quote(&layout.release(id)))
+        .collect();
+    paths.extend(venvs.iter().map(|key| quote(&layout.venv(key))));
+    format!("rm -rf -- {}", paths.join(" "))
+}
+
+/// Removes a release that failed before the switch, whichever name it has reached.
+pub fn discard(layout: &Layout, id: &str) -> String {
+    format!(
+        "rm -rf -- {} {}",
+        quote(&layout.partial(id)),
+        quote(&layout.release(id))
+    )
+}
+
+/// The sudoers line that lets `user` run exactly the privileged commands crucible needs.
+pub fn sudoers_line(user: &str, unit: &str) -> String {
+    format!(
+        "{user} ALL=(root) NOPASSWD: /usr/bin/systemctl restart -- {unit}, /usr/bin/systemctl daemon-reload, \
+         /usr/bin/systemctl enable {unit}, /usr/bin/tee /etc/systemd/system/{unit}, \
+         /usr/bin/journalctl --no-pager --output=short-iso -n * -u {unit}"
+    )
+}
+
+/// Parses `key=value` lines; repeated keys keep every value in order.
+pub fn parse_facts(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout::new("/srv/web app/")
+    }
+
+    #[test]
+    fn quote_wraps_spaces_and_quotes() {
+        assert_eq!(quote("plain"), "plain");
+        assert_eq!(quote("two words"), "'two words'");
+        assert_eq!(quote("it's"), "\"it's\"");
+        assert_eq!(quote("$(reboot)"), "'$(reboot)'");
+    }
+
+    #[test]
+    fn layout_trims_trailing_slash() {
+        assert_eq!(layout().current(), "/srv/web app/current");
+        assert_eq!(layout().partial("r1"), "/srv/web app/releases/r1.partial");
+    }
+
+    #[test]
+    fn unpack_quotes_release_path() {
+        assert_eq!(
+            unpack(&layout(), "20261204T150102Z-3f9a1c2e"),
+            "mkdir -- '/srv/web app/releases/20261204T150102Z-3f9a1c2e.partial' && tar -xzf - \
+             --no-same-owner -p -C '/srv/web app/releases/20261204T150102Z-3f9a1c2e.partial'"
+        );
+    }
+
+    #[test]
+    fn switch_renames_over_current() {
+        assert_eq!(
+            switch_current(&layout(), "r2"),
+            "rm -f -- '/srv/web app/.current.next' && ln -s -- releases/r2 '/srv/web app/.current.next' \
+             && mv -T -- '/srv/web app/.current.next' '/srv/web app/current'"
+        );
+    }
+
+    #[test]
+    fn restart_uses_sudo_only_for_non_root() {
+        assert_eq!(
+            restart("webapp.service", true),
+            "systemctl restart -- webapp.service"
+        );
+        assert_eq!(
+            restart("webapp.service", false),
+            "sudo -n systemctl restart -- webapp.service"
+        );
+    }
+
+    #[test]
+    fn log_line_is_quoted() {
+        let command = append_log(&Layout::new("/srv/app"), r#"{"who":"o'brien"}"#);
+        assert_eq!(
+            command,
+            r#"printf '%s\n' "{\"who\":\"o'brien\"}" >> /srv/app/.crucible/releases.jsonl"#
+        );
+    }
+
+    #[test]
+    fn venv_script_checks_marker_before_building() {
+        let script = sync_venv(
+            &Layout::new("/srv/app"),
+            "/srv/app/releases/r1.partial",
+            "abc",
+            "requirements.txt",
+            false,
+        );
+        let marker = script.find(".crucible-complete ]").unwrap();
+        let build = script.find("python3 -m venv").unwrap();
+        assert!(marker < build);
+        assert!(
+            script.contains("ln -sfn -- /srv/app/venvs/abc /srv/app/releases/r1.partial/.venv")
+        );
+    }
+
+    #[test]
+    fn shared_file_missing_is_an_error() {
+        let script = link_shared(
+            &Layout::new("/srv/app"),
+            "/srv/app/releases/r1.partial",
+            &[".env".into()],
+        );
+        assert!(script.contains("if [ ! -e /srv/app/shared/.env ]; then"));
+        assert!(script.contains("ln -s -- /srv/app/shared/.env /srv/app/releases/r1.partial/.env"));
+    }
+
+    #[test]
+    fn shared_directory_is_created() {
+        let script = link_shared(
+            &Layout::new("/srv/app"),
+            "/srv/app/releases/r1.partial",
+            &["data/".into()],
+        );
+        assert!(script.contains("mkdir -p -- /srv/app/shared/data"));
+        assert!(!script.contains("exit 3"));
+    }
+
+    #[test]
+    fn prune_names_each_path() {
+        let command = prune(&Layout::new("/srv/app"), &["r1".into()], &["k1".into()]);
+        assert_eq!(command, "rm -rf -- /srv/app/releases/r1 /srv/app/venvs/k1");
+    }
+
+    #[test]
+    fn facts_keep_repeated_keys() {
+        let facts = parse_facts("uid=0\nrelease=a /v/1\nrelease=b \nnoise\n");
+        assert_eq!(facts.len(), 3);
+        assert_eq!(facts[1], ("release".to_string(), "a /v/1".to_string()));
+    }
+}
