@@ -318,6 +318,39 @@ impl TestHost {
         })
     }
 
+    /// Returns the id of the release that `/srv/webapp/current` points at.
+    pub fn live_release(&self) -> String {
+        let target = self
+            .readlink("/srv/webapp/current")
+            .expect("/srv/webapp/current is a symbolic link");
+        target.trim_start_matches("releases/").to_string()
+    }
+
+    /// Returns the release id that the running app reports on `GET /health`.
+    pub fn served_release(&self) -> String {
+        let (status, body) = self
+            .http_get(APP_PORT, "/health")
+            .expect("the app answers /health");
+        assert_eq!(status, 200, "/health returned {status}: {body}");
+        let value: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|error| panic!("/health body {body:?}: {error}"));
+        value["release"]
+            .as_str()
+            .unwrap_or_else(|| panic!("/health body {body:?} has no release"))
+            .to_string()
+    }
+
+    /// Returns the names in `directory` (hidden ones included), sorted, or none if it is missing.
+    pub fn list_directory(&self, directory: &str) -> Vec<String> {
+        let output = self.run_as_root(&format!("ls -A -- {} 2>/dev/null", quote(directory)));
+        let mut names: Vec<String> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Returns whether a file or directory exists at `path`.
     pub fn exists(&self, path: &str) -> bool {
         self.run_as_root(&format!("test -e {}", quote(path)))
@@ -502,6 +535,65 @@ fn run_checked(command: &mut Command) -> Output {
     output
 }
 
+/// Returns the report and error text that crucible wrote to stderr.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Panics with crucible's stderr unless it exited with status 0.
+pub fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "crucible failed with {}:\n{}",
+        output.status,
+        stderr(output)
+    );
+}
+
+/// Panics with crucible's stderr unless it exited with `code`.
+pub fn assert_exit(output: &Output, code: i32) {
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "expected exit status {code}; stderr:\n{}",
+        stderr(output)
+    );
+}
+
+/// Generates an ed25519 key pair in a new temporary directory and returns the directory and
+/// the private key's path; the public key is beside it with a `.pub` extension.
+pub fn generate_key() -> (TempDir, PathBuf) {
+    let directory = tempfile::Builder::new()
+        .prefix("crucible-test-key.")
+        .tempdir()
+        .expect("failed to create a directory for a test key");
+    let key = directory.path().join("id_ed25519");
+    run_checked(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "crucible-test-other"])
+            .arg("-f")
+            .arg(&key),
+    );
+    (directory, key)
+}
+
+/// Returns the SHA256 fingerprint (`SHA256:...`) of an OpenSSH public key line.
+pub fn fingerprint(public_key: &str) -> String {
+    let directory = tempfile::tempdir().expect("failed to create a temporary directory");
+    let path = directory.path().join("key.pub");
+    fs::write(&path, format!("{}\n", public_key.trim())).expect("failed to write a public key");
+    let output = run_checked(
+        Command::new("ssh-keygen")
+            .args(["-E", "sha256", "-l", "-f"])
+            .arg(&path),
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .nth(1)
+        .expect("ssh-keygen -l prints the fingerprint second")
+        .to_string()
+}
+
 /// A temporary project: a copy of examples/webapp in `app/` and a hosts.toml beside it.
 pub struct Project {
     directory: TempDir,
@@ -551,15 +643,31 @@ unit_file = "deploy/webapp.service"
     /// with the test key and pins the host key. `extra_lines` are appended to the table as
     /// raw TOML.
     pub fn add_host(&self, name: &str, host: &TestHost, user: &str, extra_lines: &[&str]) {
-        let identity = host.client_key_path().display().to_string();
+        self.add_host_without(name, host, user, &[], extra_lines);
+    }
+
+    /// Like [`Project::add_host`], but leaves out the keys named in `omitted` (`"host_key"`,
+    /// `"identity"`), so a test can pin the host key or pass the client key another way.
+    pub fn add_host_without(
+        &self,
+        name: &str,
+        host: &TestHost,
+        user: &str,
+        omitted: &[&str],
+        extra_lines: &[&str],
+    ) {
         let mut table = format!(
-            "\n[hosts.{name}]\naddress = {}\nport = {SSH_PORT}\nuser = {}\npath = \"/srv/webapp\"\n\
-             host_key = {}\nidentity = {}\n",
+            "\n[hosts.{name}]\naddress = {}\nport = {SSH_PORT}\nuser = {}\npath = \"/srv/webapp\"\n",
             toml_string(&host.address().to_string()),
             toml_string(user),
-            toml_string(host.host_key()),
-            toml_string(&identity),
         );
+        if !omitted.contains(&"host_key") {
+            table.push_str(&format!("host_key = {}\n", toml_string(host.host_key())));
+        }
+        if !omitted.contains(&"identity") {
+            let identity = host.client_key_path().display().to_string();
+            table.push_str(&format!("identity = {}\n", toml_string(&identity)));
+        }
         for line in extra_lines {
             table.push_str(line);
             table.push('\n');
@@ -584,6 +692,13 @@ unit_file = "deploy/webapp.service"
             .unwrap_or_else(|error| panic!("failed to write {}: {error}", path.display()));
     }
 
+    /// Returns the contents of the file at `relative_path` inside the app copy.
+    pub fn read_file(&self, relative_path: &str) -> String {
+        let path = self.app_path().join(relative_path);
+        fs::read_to_string(&path)
+            .unwrap_or_else(|error| panic!("failed to read {}: {error}", path.display()))
+    }
+
     /// Removes the file at `relative_path` inside the app copy.
     pub fn remove_file(&self, relative_path: &str) {
         let path = self.app_path().join(relative_path);
@@ -594,13 +709,24 @@ unit_file = "deploy/webapp.service"
     /// Runs the crucible binary in the project directory with a fresh HOME and no ssh-agent
     /// or key from the environment, so only hosts.toml decides how it connects.
     pub fn crucible(&self, arguments: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_crucible"))
+        self.crucible_with_env(arguments, &[])
+    }
+
+    /// Like [`Project::crucible`], but sets the environment variables in `variables` after
+    /// clearing the inherited ones, for tests of `CRUCIBLE_SSH_KEY` and similar settings.
+    pub fn crucible_with_env(&self, arguments: &[&str], variables: &[(&str, &str)]) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_crucible"));
+        command
             .args(arguments)
             .current_dir(self.path())
             .env("HOME", self.path().join("home"))
             .env_remove("SSH_AUTH_SOCK")
             .env_remove("CRUCIBLE_SSH_KEY")
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        for (name, value) in variables {
+            command.env(name, value);
+        }
+        command
             .output()
             .expect("failed to start the crucible binary")
     }
