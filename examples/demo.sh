@@ -90,7 +90,10 @@ boot_host() {
         if ssh_to_host true 2>/dev/null; then
             return
         fi
-        is_host_running || fail "the demo host stopped during boot; see $demo_dir/console.log"
+        # Until testhost execs systemd-nspawn the process is still named testhost, so only
+        # its existence is checked here.
+        kill -0 "$(cat "$pid_file")" 2>/dev/null ||
+            fail "the demo host stopped during boot; see $demo_dir/console.log"
         sleep 0.1
     done
     fail "the demo host did not accept ssh within 30 s; see $demo_dir/console.log"
