@@ -49,6 +49,12 @@ pub fn run(cli: Cli) -> Exit {
             if !mode.json {
                 eprintln!("error: {error}");
             }
+            if mode.is_github {
+                eprintln!(
+                    "::error title=crucible failed::{}",
+                    report::escape_annotation(&error.to_string())
+                );
+            }
             error.exit()
         }
     }

@@ -1,5 +1,9 @@
 //! The step report, crucible's product output: a line per finished step in a terminal or a log,
 //! newline-delimited JSON with `--json`, and groups, annotations and a job summary in GitHub Actions.
+//!
+//! Text and GitHub workflow commands both go to stderr, so a log shows them in the order they
+//! were written; stdout carries only the JSON events. The runner reads workflow commands from
+//! both streams.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -104,7 +108,7 @@ impl Reporter {
             return;
         }
         if self.mode.is_github {
-            println!("::group::{name}");
+            eprintln!("::group::{name}");
         }
         if self.is_live() {
             let spinner = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
@@ -137,29 +141,29 @@ impl Reporter {
         }
         if self.mode.json {
             self.emit(&Event::StepFinished(&record));
-        } else {
-            if !self.mode.quiet || !record.ok {
-                eprintln!("{}", self.format_step(&record));
-                if !record.ok && !record.stderr_tail.is_empty() {
-                    for line in record.stderr_tail.lines() {
-                        eprintln!("    | {line}");
-                    }
+        } else if !self.mode.quiet || !record.ok {
+            eprintln!("{}", self.format_step(&record));
+            if !record.ok && !record.stderr_tail.is_empty() {
+                for line in record.stderr_tail.lines() {
+                    eprintln!("    | {line}");
                 }
             }
-            if self.mode.is_github {
-                if !record.ok {
-                    let message = if record.stderr_tail.is_empty() {
-                        &record.detail
-                    } else {
-                        &record.stderr_tail
-                    };
-                    println!(
-                        "::error title=crucible step {} failed::{}",
-                        record.name,
-                        escape_annotation(message)
-                    );
-                }
-                println!("::endgroup::");
+        }
+        if self.mode.is_github {
+            if !record.ok {
+                let message = if record.stderr_tail.is_empty() {
+                    &record.detail
+                } else {
+                    &record.stderr_tail
+                };
+                eprintln!(
+                    "::error title={}::{}",
+                    escape_property(&format!("crucible step {} failed", record.name)),
+                    escape_annotation(message)
+                );
+            }
+            if !self.mode.json {
+                eprintln!("::endgroup::");
             }
         }
         self.steps.push(record);
@@ -199,7 +203,7 @@ impl Reporter {
             }
         }
         if self.mode.is_github && message.starts_with("warning") {
-            println!("::warning::{}", escape_annotation(message));
+            eprintln!("::warning::{}", escape_annotation(message));
         }
     }
 
@@ -231,17 +235,42 @@ impl Reporter {
                 eprintln!("{line}");
             }
         }
-        if let Some(path) = &self.mode.github_summary {
-            let _ = append_github_summary(path, summary);
+        if self.mode.is_github
+            && let Some(error) = &summary.error
+        {
+            let title = format!(
+                "crucible {} {}: {}",
+                summary.command, summary.host, summary.outcome
+            );
+            eprintln!(
+                "::error title={}::{}",
+                escape_property(&title),
+                escape_annotation(error)
+            );
+        }
+        if let Some(path) = &self.mode.github_summary
+            && let Err(error) = append_github_summary(path, summary)
+        {
+            tracing::warn!(
+                "failed to append the job summary to {} (GITHUB_STEP_SUMMARY): {error}",
+                path.display()
+            );
         }
     }
 }
 
 /// GitHub workflow commands end at a newline; `%0A` keeps multi-line messages in one annotation.
-fn escape_annotation(text: &str) -> String {
+pub fn escape_annotation(text: &str) -> String {
     text.replace('%', "%25")
         .replace('\r', "%0D")
         .replace('\n', "%0A")
+}
+
+/// Escapes a workflow command property such as `title=`, where `:` and `,` end the value.
+fn escape_property(text: &str) -> String {
+    escape_annotation(text)
+        .replace(':', "%3A")
+        .replace(',', "%2C")
 }
 
 fn append_github_summary(path: &PathBuf, summary: &Summary) -> std::io::Result<()> {
@@ -285,6 +314,11 @@ fn append_github_summary(path: &PathBuf, summary: &Summary) -> std::io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn annotation_property_escapes_separators() {
+        assert_eq!(escape_property("push: a, b"), "push%3A a%2C b");
+    }
 
     #[test]
     fn annotation_escapes_newlines() {

@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::plan::HostPlan;
 use crate::releases::{Action, History, LogEvent, Outcome};
 use crate::remote::lock::{Attempt, DeployLock};
-use crate::remote::{self, LOG_MARKER, Layout};
+use crate::remote::{self, LOG_MARKER, Layout, MANIFEST_MARKER};
 use crate::report::{Reporter, StepRecord, Summary};
 use crate::ssh::{CommandOutput, Session, SshError};
 
@@ -98,15 +98,21 @@ pub struct HostFacts {
     pub history: History,
     pub can_sudo: bool,
     pub unit_load_state: String,
+    /// The live release's manifest file, when it has one.
+    pub live_manifest: Option<String>,
 }
 
 impl HostFacts {
     pub fn parse(output: &str) -> HostFacts {
-        let (facts_text, log_text) = output
+        let (facts_text, rest) = output
             .split_once(&format!("{LOG_MARKER}\n"))
             .unwrap_or((output, ""));
+        let (log_text, manifest) = rest
+            .split_once(&format!("{MANIFEST_MARKER}\n"))
+            .unwrap_or((rest, ""));
         let mut facts = HostFacts {
             history: History::parse(log_text),
+            live_manifest: (!manifest.trim().is_empty()).then(|| manifest.to_string()),
             ..HostFacts::default()
         };
         for (key, value) in remote::parse_facts(facts_text) {
@@ -225,12 +231,14 @@ impl<'a> Context<'a> {
                 } else {
                     output.stderr_tail(8)
                 };
+                // A step's detail describes what it did, which a failed step did not do; its
+                // exit status and stderr say what went wrong instead.
                 self.reporter.finish_step(StepRecord {
                     name: name.to_string(),
                     exit_code: output.exit_status,
                     duration_ms,
                     ok,
-                    detail: detail(&output),
+                    detail: if ok { detail(&output) } else { String::new() },
                     stderr_tail: stderr_tail.clone(),
                 });
                 if ok {
