@@ -214,6 +214,77 @@ impl Manifest {
     }
 }
 
+/// A file of the live release that a new release can take as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReusedFile {
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
+}
+
+/// Which files a push sends and which it takes from the live release.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub send: HashSet<String>,
+    pub reuse: Vec<ReusedFile>,
+}
+
+impl Delta {
+    pub fn bytes_to_send(&self, manifest: &Manifest) -> u64 {
+        manifest
+            .entries
+            .iter()
+            .filter(|entry| self.send.contains(&entry.path))
+            .map(|entry| match entry.kind {
+                EntryKind::File { size, .. } => size,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+impl Manifest {
+    /// Splits the files into those to send and those the live release already has with the same
+    /// content and mode. `live` is the live release's manifest file; `None` when it does not parse.
+    pub fn delta(&self, live: &str) -> Option<Delta> {
+        manifest_sha256(live)?;
+        let mut live_files = std::collections::HashMap::new();
+        for line in live.lines().skip(1) {
+            let fields: Vec<&str> = line.splitn(5, '\t').collect();
+            if let [kind, mode, size, sha256, path] = fields[..] {
+                if kind == "f" {
+                    live_files.insert(path, (mode, size, sha256));
+                }
+            } else {
+                return None;
+            }
+        }
+        let mut delta = Delta::default();
+        for entry in &self.entries {
+            let EntryKind::File { size, sha256 } = &entry.kind else {
+                continue;
+            };
+            let mode = format!("{:o}", entry.mode);
+            let size_text = size.to_string();
+            let is_same = live_files.get(entry.path.as_str()).is_some_and(
+                |(live_mode, live_size, live_sha)| {
+                    *live_mode == mode && *live_size == size_text && *live_sha == sha256
+                },
+            );
+            if is_same {
+                delta.reuse.push(ReusedFile {
+                    path: entry.path.clone(),
+                    size: *size,
+                    mode: entry.mode,
+                });
+            } else {
+                delta.send.insert(entry.path.clone());
+            }
+        }
+        Some(delta)
+    }
+}
+
 /// Parses the artifact sha256 from a manifest file's first line.
 pub fn manifest_sha256(text: &str) -> Option<&str> {
     let sha = text.lines().next()?.strip_prefix(MANIFEST_HEADER)?.trim();
@@ -452,6 +523,47 @@ mod tests {
             Some(manifest.sha256.as_str())
         );
         assert_eq!(manifest_sha256("garbage"), None);
+    }
+
+    #[test]
+    fn delta_sends_only_changed_files() {
+        let dir = tree();
+        let live = Manifest::scan(dir.path(), &excludes()).unwrap();
+        std::fs::write(dir.path().join("pkg/mod.py"), "x = 2\n").unwrap();
+        std::fs::write(dir.path().join("new.py"), "y = 1\n").unwrap();
+        let next = Manifest::scan(dir.path(), &excludes()).unwrap();
+        let delta = next.delta(&live.to_text()).unwrap();
+        let expected: HashSet<String> = ["pkg/mod.py".to_string(), "new.py".to_string()].into();
+        assert_eq!(delta.send, expected);
+        let reused: Vec<&str> = delta.reuse.iter().map(|file| file.path.as_str()).collect();
+        assert_eq!(reused, vec![".crucibleignore", ".gitignore", "app.py"]);
+    }
+
+    #[test]
+    fn delta_resends_file_whose_mode_changed() {
+        let dir = tree();
+        let live = Manifest::scan(dir.path(), &excludes()).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("app.py"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let next = Manifest::scan(dir.path(), &excludes()).unwrap();
+        let delta = next.delta(&live.to_text()).unwrap();
+        assert!(delta.send.contains("app.py"));
+    }
+
+    #[test]
+    fn delta_rejects_unreadable_manifest() {
+        let dir = tree();
+        let next = Manifest::scan(dir.path(), &excludes()).unwrap();
+        assert_eq!(next.delta("not a manifest"), None);
+        let broken = format!("{}\nf\t644\n", live_header());
+        assert_eq!(next.delta(&broken), None);
+    }
+
+    fn live_header() -> String {
+        format!("{MANIFEST_HEADER} {}", "a".repeat(64))
     }
 
     #[test]

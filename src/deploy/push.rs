@@ -1,9 +1,13 @@
 //! `crucible push`: scan, connect, lock, prepare, upload, venv, shared, unit, then activate.
 
+use std::collections::HashSet;
 use std::io::{self, Write};
 use std::time::Instant;
 
 use bytes::Bytes;
+use gzp::deflate::Gzip;
+use gzp::par::compress::{ParCompress, ParCompressBuilder};
+use gzp::{Compression, ZWriter};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -338,7 +342,7 @@ async fn prepare_release(
         ctx.layout().release(id)
     };
     if is_fresh {
-        upload(ctx, session, &artifact.manifest, id).await?;
+        send_release(ctx, session, artifact, facts, id).await?;
     } else {
         ctx.local_step(
             "upload",
@@ -422,8 +426,12 @@ async fn upload(
     session: &Session,
     manifest: &Manifest,
     id: &str,
+    only: Option<&HashSet<String>>,
 ) -> Result<(), Error> {
     let command = remote::unpack(ctx.layout(), id);
+    let level = ctx.plan.config.compression_level;
+    let files = only.map_or(manifest.file_count(), HashSet::len);
+    let only = only.cloned();
     ctx.reporter.start_step("upload");
     let bar = ctx.reporter.upload_bar();
     let started = Instant::now();
@@ -435,8 +443,14 @@ async fn upload(
         let manifest = manifest.clone();
         let producer = tokio::task::spawn_blocking(move || -> io::Result<()> {
             let writer = ChunkWriter::new(sender);
-            let encoder = flate2::write::GzEncoder::new(writer, flate2::Compression::fast());
-            let mut writer = manifest.write_tar(encoder, None)?.finish()?;
+            let threads = std::thread::available_parallelism().map_or(1, |count| count.get());
+            let encoder: ParCompress<Gzip, ChunkWriter> = ParCompressBuilder::new()
+                .num_threads(threads)
+                .map_err(io::Error::other)?
+                .compression_level(Compression::new(level))
+                .from_writer(writer);
+            let mut encoder = manifest.write_tar(encoder, only.as_ref())?;
+            let mut writer = encoder.finish().map_err(io::Error::other)?;
             writer.flush()
         });
         let mut sent = 0u64;
@@ -489,16 +503,92 @@ async fn upload(
     }
     let seconds = started.elapsed().as_secs_f64().max(0.001);
     let detail = format!(
-        "{} files, {:.1} MB compressed, {:.1} MB/s",
-        manifest.file_count(),
+        "{files} files, {:.1} MB compressed, {:.1} MB/s",
         sent as f64 / 1e6,
         sent as f64 / 1e6 / seconds
     );
-    ctx.summary.files_sent = Some(manifest.file_count());
+    ctx.summary.files_sent = Some(files);
     ctx.summary.bytes_sent = Some(sent);
-    ctx.summary.files_reused = Some(0);
+    ctx.summary.files_reused = Some(manifest.file_count() - files);
     ctx.finish_remote_step("upload", started, Ok(output), |_| detail.clone())
         .map(|_| ())
+}
+
+/// Sends the release: only the files that differ from the live release when its manifest can be
+/// trusted, with the rest hard-linked from it on the host; every file otherwise.
+async fn send_release(
+    ctx: &mut Context<'_>,
+    session: &Session,
+    artifact: &Artifact,
+    facts: &HostFacts,
+    id: &str,
+) -> Result<(), Error> {
+    let manifest = &artifact.manifest;
+    let delta = match (&facts.live, &facts.live_manifest) {
+        (Some(live), Some(text)) if ctx.plan.config.delta => {
+            let delta = manifest.delta(text);
+            if delta.is_none() {
+                ctx.reporter.note(&format!(
+                    "the manifest of live release {live} is unreadable; sending every file"
+                ));
+            }
+            delta.map(|delta| (live.clone(), delta))
+        }
+        (Some(live), None) if ctx.plan.config.delta => {
+            ctx.reporter.note(&format!(
+                "live release {live} has no manifest; sending every file"
+            ));
+            None
+        }
+        _ => None,
+    };
+    let Some((live, delta)) = delta else {
+        return upload(ctx, session, manifest, id, None).await;
+    };
+
+    upload(ctx, session, manifest, id, Some(&delta.send)).await?;
+    if delta.reuse.is_empty() {
+        return Ok(());
+    }
+    let command = remote::link_reused(ctx.layout(), &live, id);
+    let list = remote::reused_list(&delta.reuse);
+    ctx.reporter.start_step("reuse");
+    let started = Instant::now();
+    let result = session
+        .run(
+            &command,
+            Some(list.as_bytes()),
+            ctx.plan.config.timeouts.upload,
+        )
+        .await;
+    if let Ok(output) = &result
+        && output.exit_status == Some(3)
+    {
+        let mismatch = output
+            .stdout_text()
+            .trim()
+            .trim_start_matches("mismatch=")
+            .to_string();
+        ctx.local_step(
+            "reuse",
+            started,
+            true,
+            format!("{mismatch} differs from the manifest"),
+        );
+        ctx.reporter.note(&format!(
+            "live release {live} does not match its manifest ({mismatch}); sending every file"
+        ));
+        let discard = remote::discard(ctx.layout(), id);
+        session
+            .run(&discard, None, ctx.plan.step_deadline())
+            .await?;
+        return upload(ctx, session, manifest, id, None).await;
+    }
+    let reused = delta.reuse.len();
+    ctx.finish_remote_step("reuse", started, result, |_| {
+        format!("{reused} unchanged files hard-linked from {live}")
+    })?;
+    Ok(())
 }
 
 /// A `Write` that cuts the compressed stream into [`CHUNK_SIZE`] pieces for the async side.

@@ -144,7 +144,59 @@ pub fn inventory(layout: &Layout, artifact_sha256: &str, unit: &str) -> String {
         "cat -- {} 2>/dev/null || true",
         quote(&layout.log())
     );
+    let _ = writeln!(script, "echo {MANIFEST_MARKER}");
+    let _ = writeln!(
+        script,
+        "cat -- {root}/current/{MANIFEST_NAME} 2>/dev/null || true"
+    );
     script
+}
+
+/// Line of `inventory`'s output after which the live release's manifest follows verbatim.
+pub const MANIFEST_MARKER: &str = "---live-manifest---";
+
+/// Hard-links files of an earlier release into a new one. Reads `path\tsize\tmode` lines on stdin
+/// and checks that each file still has that size and mode before linking it; on the first
+/// mismatch it prints `mismatch=PATH` and exits 3, so the caller can fall back to a full upload.
+const LINK_REUSED: &str = r#"import os, stat, sys
+old, new = sys.argv[1], sys.argv[2]
+count = 0
+for line in sys.stdin:
+    path, size, mode = line.rstrip("\n").split("\t")
+    source = os.path.join(old, path)
+    try:
+        info = os.lstat(source)
+    except OSError:
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode) or info.st_size != int(size) or stat.S_IMODE(info.st_mode) != int(mode, 8):
+        print("mismatch=" + path)
+        sys.exit(3)
+    os.link(source, os.path.join(new, path))
+    count += 1
+print("linked=%d" % count)
+"#;
+
+/// Links the unchanged files of release `from` into the `.partial` directory of `id`.
+///
+/// Hard links cost no copy, but the releases then share those files' inodes: an app that
+/// rewrites a file of its release in place changes it in the earlier release too. Writes that
+/// replace a file (write a new one, then rename) leave the other release alone.
+pub fn link_reused(layout: &Layout, from: &str, id: &str) -> String {
+    format!(
+        "python3 -c {} {} {}",
+        quote(LINK_REUSED),
+        quote(&layout.release(from)),
+        quote(&layout.partial(id))
+    )
+}
+
+/// The stdin of [`link_reused`]: one `path\tsize\tmode` line per file.
+pub fn reused_list(files: &[crate::archive::ReusedFile]) -> String {
+    let mut text = String::new();
+    for file in files {
+        let _ = writeln!(text, "{}\t{}\t{:o}", file.path, file.size, file.mode);
+    }
+    text
 }
 
 /// Line of `prepare`'s output after which the release log follows verbatim.
@@ -283,8 +335,17 @@ pub fn switch_current(layout: &Layout, id: &str) -> String {
     )
 }
 
+/// Restarts the unit after clearing its start rate limit with `reset-failed`.
+///
+/// systemd refuses a start after `StartLimitBurst` starts (5 by default) within
+/// `StartLimitIntervalSec` (10 s), and a crashing release's automatic restarts count too, so
+/// without the reset the restart of the previous release during a rollback could be refused.
+/// NOTE: [`sudoers_line`] does not allow `reset-failed` yet, so for a non-root deploy user the
+/// reset fails quietly and the start limit still applies; the restart runs either way.
 pub fn restart(unit: &str, is_root: bool) -> String {
-    format!("{}systemctl restart -- {}", privilege(is_root), quote(unit))
+    let sudo = privilege(is_root);
+    let unit = quote(unit);
+    format!("{sudo}systemctl reset-failed -- {unit} 2>/dev/null; {sudo}systemctl restart -- {unit}")
 }
 
 /// The unit's state as `key=value` lines, readable without privileges.
@@ -307,9 +368,15 @@ pub fn journal(unit: &str, lines: u32, is_root: bool) -> String {
 }
 
 /// Appends one line to the release log. A crash mid-write leaves at most a truncated last line,
-/// which readers skip.
+/// which readers skip. That line has no newline, so one is added first: otherwise this event
+/// would be glued to the fragment and skipped with it.
 pub fn append_log(layout: &Layout, line: &str) -> String {
-    format!("printf '%s\\n' {} >> {}", quote(line), quote(&layout.log()))
+    let log = quote(&layout.log());
+    format!(
+        "if [ -s {log} ] && [ -n \"$(tail -c 1 -- {log})\" ]; then echo >> {log}; fi; \
+         printf '%s\\n' {} >> {log}",
+        quote(line)
+    )
 }
 
 /// Removes the given releases and venvs; run only after the switch.
@@ -392,11 +459,12 @@ mod tests {
     fn restart_uses_sudo_only_for_non_root() {
         assert_eq!(
             restart("webapp.service", true),
-            "systemctl restart -- webapp.service"
+            "systemctl reset-failed -- webapp.service 2>/dev/null; systemctl restart -- webapp.service"
         );
         assert_eq!(
             restart("webapp.service", false),
-            "sudo -n systemctl restart -- webapp.service"
+            "sudo -n systemctl reset-failed -- webapp.service 2>/dev/null; \
+             sudo -n systemctl restart -- webapp.service"
         );
     }
 
@@ -405,7 +473,7 @@ mod tests {
         let command = append_log(&Layout::new("/srv/app"), r#"{"who":"o'brien"}"#);
         assert_eq!(
             command,
-            r#"printf '%s\n' "{\"who\":\"o'brien\"}" >> /srv/app/.crucible/releases.jsonl"#
+            r#"if [ -s /srv/app/.crucible/releases.jsonl ] && [ -n "$(tail -c 1 -- /srv/app/.crucible/releases.jsonl)" ]; then echo >> /srv/app/.crucible/releases.jsonl; fi; printf '%s\n' "{\"who\":\"o'brien\"}" >> /srv/app/.crucible/releases.jsonl"#
         );
     }
 
