@@ -16,7 +16,7 @@ use super::activate::{self, Activation, unit_detail};
 use super::{Context, DeployOptions, HostFacts};
 use crate::archive::Manifest;
 use crate::error::Error;
-use crate::releases::{Action, Outcome, release_id};
+use crate::releases::{Action, History, Outcome, release_id};
 use crate::remote;
 use crate::ssh::{Session, SshError, collect_output};
 
@@ -166,6 +166,7 @@ async fn push_locked(
 
     if let Some(existing) = &facts.existing
         && facts.live.as_deref() == Some(existing.as_str())
+        && is_recorded_live(&facts.history, existing)
     {
         ctx.summary.release = Some(existing.clone());
         ctx.summary.files_sent = Some(0);
@@ -210,11 +211,20 @@ async fn push_locked(
         return Err(error);
     }
 
+    // A push killed after its switch leaves `current` on a release whose restart and health
+    // gate may never have run. Pushing it again activates it, falling back to the last release
+    // the log records as deployed.
+    let previous = if facts.live.as_deref() == Some(id.as_str()) {
+        facts.history.rollback_target(Some(&id), &facts.releases)
+    } else {
+        facts.live.clone()
+    };
+    ctx.summary.previous_release = previous.clone();
     let activation = activate::activate(
         ctx,
         session,
         &id,
-        facts.live.as_deref(),
+        previous.as_deref(),
         is_fresh,
         facts.is_root,
         options.no_rollback,
@@ -288,6 +298,17 @@ pub async fn finish_activation(
             Err(error)
         }
     }
+}
+
+/// Whether the newest `deployed` event of the release log names `release`, which is then known
+/// to have passed its health gate as the live release.
+fn is_recorded_live(history: &History, release: &str) -> bool {
+    history
+        .events
+        .iter()
+        .rev()
+        .find(|event| event.outcome == Outcome::Deployed)
+        .is_some_and(|event| event.release == release)
 }
 
 struct LogReason;

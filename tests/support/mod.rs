@@ -16,6 +16,15 @@
 // Each test crate compiles its own copy of this module and uses only part of it.
 #![allow(dead_code)]
 
+mod process;
+mod proxy;
+
+// Only some test crates use these.
+#[allow(unused_imports)]
+pub use process::RunningCrucible;
+#[allow(unused_imports)]
+pub use proxy::TcpProxy;
+
 use std::borrow::Cow;
 use std::env;
 use std::fs::{self, File};

@@ -1,0 +1,667 @@
+//! Deploy safety against real test hosts: the deploy lock, the health gate with its automatic
+//! rollback, interrupted and killed clients, cut connections, atomic switches and pushes of an
+//! artifact that is already on the host. Every test asserts on the host's state afterwards.
+
+mod support;
+
+use std::process::Output;
+use std::time::Duration;
+
+use support::{APP_PORT, Project, RunningCrucible, TcpProxy, TestHost, wait_until};
+
+const LOCK_FILE: &str = "/srv/webapp/.crucible/lock";
+
+/// A settle window shorter than the 3 s default, for tests that do not probe the settle window.
+const QUICK_HEALTH: &str = r#"health = { settle = "1s" }"#;
+
+/// Size of a random file added to the app so the upload lasts long enough to interrupt. The
+/// tests wait for the upload's .partial directory rather than for a fixed time.
+const BIG_FILE_SIZE: u64 = 100_000_000;
+
+/// How long a lock may outlive its killed or cut-off deployer: sshd has to notice the closed
+/// connection and the holder its closed stdin.
+const LOCK_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bound for a push that is expected to finish, venv build included.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "crucible failed with {}:\n{}",
+        output.status,
+        stderr(output)
+    );
+}
+
+fn assert_exit_code(output: &Output, code: i32) {
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "expected exit status {code}; stderr:\n{}",
+        stderr(output)
+    );
+}
+
+/// Returns the release id that `current` points at.
+fn live_release(host: &TestHost) -> String {
+    let target = host
+        .readlink("/srv/webapp/current")
+        .expect("/srv/webapp/current is a symbolic link");
+    target.trim_start_matches("releases/").to_string()
+}
+
+/// Returns the release id the running app reports on /health, or why there is none.
+fn served_release(host: &TestHost) -> Result<String, String> {
+    let (status, body) = host
+        .http_get(APP_PORT, "/health")
+        .map_err(|error| format!("no answer on /health: {error}"))?;
+    if status != 200 {
+        return Err(format!("/health returned {status}: {body}"));
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(&body).map_err(|error| format!("/health body {body:?}: {error}"))?;
+    value["release"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("/health body {body:?} has no release"))
+}
+
+/// Waits until the app serves `release`, which takes a moment after a restart.
+fn assert_serves(host: &TestHost, release: &str) {
+    let mut last = String::new();
+    let serves = wait_until(Duration::from_secs(15), || match served_release(host) {
+        Ok(served) => {
+            last = served;
+            last == release
+        }
+        Err(error) => {
+            last = error;
+            false
+        }
+    });
+    assert!(
+        serves,
+        "the app should serve {release}; last answer: {last}"
+    );
+}
+
+fn is_lock_free(host: &TestHost) -> bool {
+    host.run_as_root(&format!("flock -n {LOCK_FILE} true"))
+        .status
+        .success()
+}
+
+fn assert_lock_freed(host: &TestHost) {
+    assert!(
+        wait_until(LOCK_RELEASE_TIMEOUT, || is_lock_free(host)),
+        "the deploy lock is still held {LOCK_RELEASE_TIMEOUT:?} after the deployer stopped"
+    );
+}
+
+fn partial_releases(host: &TestHost) -> Vec<String> {
+    host.run_checked("ls -A /srv/webapp/releases")
+        .lines()
+        .filter(|name| name.ends_with(".partial"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Returns whether `release` is a finished release directory, renamed from .partial and
+/// containing its manifest.
+fn is_complete_release(host: &TestHost, release: &str) -> bool {
+    host.exists(&format!(
+        "/srv/webapp/releases/{release}/.crucible-manifest"
+    ))
+}
+
+/// Returns the events of the release log, oldest first.
+fn log_events(host: &TestHost) -> Vec<serde_json::Value> {
+    host.run_checked("cat /srv/webapp/.crucible/releases.jsonl")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("release log lines are JSON"))
+        .collect()
+}
+
+fn has_log_event(host: &TestHost, release: &str, outcome: &str) -> bool {
+    log_events(host)
+        .iter()
+        .any(|event| event["release"] == release && event["outcome"] == outcome)
+}
+
+/// Returns the summary object that `--json` prints last on stdout.
+fn json_summary(output: &Output) -> serde_json::Value {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["event"] == "summary")
+        .unwrap_or_else(|| panic!("no summary event on stdout; stderr:\n{}", stderr(output)))
+}
+
+/// Polls the host every 100 ms until `script` exits 0 there, or panics after `timeout`.
+fn wait_for_host(host: &TestHost, script: &str, timeout: Duration, what: &str) {
+    assert!(
+        wait_until(timeout, || host.run_as_root(script).status.success()),
+        "timed out after {timeout:?} waiting for {what}"
+    );
+}
+
+/// Waits until `running` is past the start of its upload, then leaves it running.
+fn wait_for_upload(host: &TestHost, running: &mut RunningCrucible) {
+    let started = wait_until(Duration::from_secs(60), || {
+        !running.is_running()
+            || host
+                .run_as_root("ls -d /srv/webapp/releases/*.partial")
+                .status
+                .success()
+    });
+    assert!(started, "no .partial directory appeared within 60 s");
+    assert!(
+        running.is_running(),
+        "crucible finished before the test could interrupt its upload; stderr:\n{}",
+        running.stderr_so_far()
+    );
+}
+
+/// Asserts what every interrupted deploy must leave: `current` on a complete release that the
+/// service runs, and the lock free. Returns the live release.
+fn assert_host_recovers(host: &TestHost) -> String {
+    assert_lock_freed(host);
+    let live = live_release(host);
+    assert!(
+        is_complete_release(host, &live),
+        "current points at {live}, which is not a complete release"
+    );
+    assert_serves(host, &live);
+    live
+}
+
+#[test]
+fn second_push_waits_for_lock() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    // The first deployer's health command sleeps, so it holds the lock for at least 10 s.
+    let slow = Project::new();
+    slow.add_host(
+        "test",
+        &host,
+        "root",
+        &[r#"health = { settle = "1s", command = "sleep 10", timeout = "30s" }"#],
+    );
+    let fast = Project::new();
+    fast.add_host("test", &host, "root", &[QUICK_HEALTH]);
+    fast.write_file("VERSION", "fast\n");
+
+    let first = slow.spawn_crucible(&["push", "test"]);
+    wait_for_host(
+        &host,
+        &format!("test -e {LOCK_FILE} && ! flock -n {LOCK_FILE} true"),
+        Duration::from_secs(30),
+        "the first push to take the lock",
+    );
+
+    let refused = fast.crucible(&["push", "test"]);
+    assert_exit_code(&refused, 5);
+    let message = stderr(&refused);
+    assert!(
+        message.contains(&format!("(pid {})", first.pid())),
+        "the refusal names the holder's pid {}:\n{message}",
+        first.pid()
+    );
+    assert!(
+        message.contains("held by") && message.contains(" since "),
+        "the refusal says who holds the lock since when:\n{message}"
+    );
+    let holder = host.run_checked("cat /srv/webapp/.crucible/lock.holder");
+    assert!(
+        holder.contains(&format!("\"pid\":{}", first.pid())),
+        "the refused push must not overwrite the holder record: {holder}"
+    );
+
+    let timed_out = fast.crucible(&["push", "test", "--lock-wait", "2s"]);
+    assert_exit_code(&timed_out, 5);
+    assert!(
+        stderr(&timed_out).contains("waiting for the lock"),
+        "--lock-wait prints a countdown:\n{}",
+        stderr(&timed_out)
+    );
+
+    let waited = fast.crucible(&["push", "test", "--lock-wait", "60s"]);
+    assert_success(&waited);
+    let first = first.wait(PUSH_TIMEOUT);
+    assert_success(&first);
+
+    let events = log_events(&host);
+    let deployed: Vec<&str> = events
+        .iter()
+        .filter(|event| event["outcome"] == "deployed")
+        .filter_map(|event| event["release"].as_str())
+        .collect();
+    assert_eq!(
+        deployed.len(),
+        2,
+        "both pushes are in the log: {deployed:?}"
+    );
+    let live = live_release(&host);
+    assert_eq!(live, deployed[1], "the push that waited is live");
+    assert_serves(&host, &live);
+    assert!(is_lock_free(&host), "no lock is left after both pushes");
+}
+
+#[test]
+fn crashing_unit_is_rolled_back() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let project = Project::new();
+    // The crashing app exits 1 s after it starts and systemd restarts it 1 s later, so the
+    // settle window must be longer than 2 s: the 3 s default.
+    project.add_host("test", &host, "root", &[]);
+    assert_success(&project.crucible(&["push", "test"]));
+    let good = live_release(&host);
+
+    project.write_file(
+        "app.py",
+        "import sys\nimport time\n\ntime.sleep(1)\nsys.exit(1)\n",
+    );
+    let output = project.crucible(&["--json", "push", "test"]);
+    assert_exit_code(&output, 7);
+
+    let summary = json_summary(&output);
+    let bad = summary["release"]
+        .as_str()
+        .expect("the summary names the release");
+    assert_ne!(bad, good);
+    assert_eq!(summary["outcome"], "rolled_back");
+    assert_eq!(live_release(&host), good, "current is back on {good}");
+    assert_serves(&host, &good);
+    assert_eq!(
+        host.systemctl_show("webapp.service", "ActiveState"),
+        "active"
+    );
+    assert!(
+        has_log_event(&host, bad, "rolled_back"),
+        "the log records {bad} as rolled_back: {:?}",
+        log_events(&host)
+    );
+    let health = summary["steps"]
+        .as_array()
+        .expect("the summary lists its steps")
+        .iter()
+        .find(|step| step["name"] == "health" && step["ok"] == false)
+        .expect("a failed health step is reported");
+    let detail = health["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("NRestarts") || detail.contains("not active"),
+        "the health step shows the unit state: {detail}"
+    );
+    assert!(is_lock_free(&host), "no lock is left after the rollback");
+}
+
+#[test]
+fn failing_http_probe_is_rolled_back() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let project = Project::new();
+    let health = format!(
+        r#"health = {{ settle = "1s", http = "http://{}:{APP_PORT}/health", timeout = "2s" }}"#,
+        host.address()
+    );
+    project.add_host("test", &host, "root", &[&health]);
+    assert_success(&project.crucible(&["push", "test"]));
+    let good = live_release(&host);
+
+    let app = std::fs::read_to_string(project.app_path().join("app.py")).unwrap();
+    let failing = app.replace(
+        "    return {\"release\": RELEASE}",
+        "    bottle.response.status = 500\n    return {\"release\": RELEASE}",
+    );
+    assert_ne!(
+        app, failing,
+        "the example app's /health handler changed shape"
+    );
+    project.write_file("app.py", &failing);
+
+    let output = project.crucible(&["push", "test"]);
+    assert_exit_code(&output, 7);
+    let report = stderr(&output);
+    assert!(
+        report.contains("rolled back"),
+        "the report says it rolled back:\n{report}"
+    );
+    assert!(
+        report.contains("500"),
+        "the report shows the probe's 500:\n{report}"
+    );
+    assert_eq!(live_release(&host), good);
+    assert_serves(&host, &good);
+
+    // Without a rollback the failing release stays live, and that is a different exit code.
+    let output = project.crucible(&["push", "test", "--no-rollback"]);
+    assert_exit_code(&output, 9);
+    let broken = live_release(&host);
+    assert_ne!(
+        broken, good,
+        "--no-rollback leaves the failing release live"
+    );
+    assert!(
+        has_log_event(&host, &broken, "broken"),
+        "the log records {broken} as broken: {:?}",
+        log_events(&host)
+    );
+}
+
+#[test]
+fn killed_client_leaves_host_recoverable() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let project = Project::new();
+    project.add_host("test", &host, "root", &[QUICK_HEALTH]);
+    assert_success(&project.crucible(&["push", "test"]));
+    let first = live_release(&host);
+
+    // Killed during the upload.
+    project.write_random_file("upload-1.bin", BIG_FILE_SIZE);
+    let mut running = project.spawn_crucible(&["push", "test"]);
+    wait_for_upload(&host, &mut running);
+    running.kill();
+    assert_eq!(
+        assert_host_recovers(&host),
+        first,
+        "the upload never went live"
+    );
+
+    // Killed while the venv is built: new requirements make a new venv key.
+    project.remove_file("upload-1.bin");
+    let requirements = std::fs::read_to_string(project.app_path().join("requirements.txt"))
+        .expect("the example app has requirements.txt");
+    project.write_file(
+        "requirements.txt",
+        &format!("{requirements}# a new venv key\n"),
+    );
+    let mut running = project.spawn_crucible(&["push", "test"]);
+    let building = wait_until(Duration::from_secs(60), || {
+        host.run_as_root(
+            "for venv in /srv/webapp/venvs/*/; do \
+             [ -d \"$venv\" ] && [ ! -e \"$venv/.crucible-complete\" ] && exit 0; done; exit 1",
+        )
+        .status
+        .success()
+    });
+    assert!(building, "no half-built venv appeared within 60 s");
+    assert!(running.is_running(), "the push ended before the kill");
+    running.kill();
+    assert_eq!(
+        assert_host_recovers(&host),
+        first,
+        "the venv step is before the switch"
+    );
+
+    let output = project.crucible(&["push", "test"]);
+    assert_success(&output);
+    let second = live_release(&host);
+    assert_ne!(second, first);
+    assert_serves(&host, &second);
+    assert!(
+        partial_releases(&host).is_empty(),
+        "the push after the kills removed the leftovers: {:?}",
+        partial_releases(&host)
+    );
+
+    // Killed as soon as the switch step is reported, before the restart and health gate can
+    // finish. The service may still run the previous release then, so the push that follows
+    // has to restart it and run the gate even though its release is already live.
+    project.write_file("VERSION", "after the switch\n");
+    let mut running = project.spawn_crucible(&["push", "test"]);
+    assert!(
+        running.wait_for_stderr("ok switch", Duration::from_secs(60)),
+        "the switch step was not reported within 60 s:\n{}",
+        running.stderr_so_far()
+    );
+    running.kill();
+    assert_lock_freed(&host);
+    let third = live_release(&host);
+    assert_ne!(third, second, "the kill came after the switch");
+    assert!(
+        is_complete_release(&host, &third),
+        "current points at {third}, which is not a complete release"
+    );
+
+    let output = project.crucible(&["push", "test"]);
+    assert_success(&output);
+    assert_eq!(live_release(&host), third);
+    assert_serves(&host, &third);
+    assert!(
+        has_log_event(&host, &third, "deployed"),
+        "the push after the kill ran the health gate and logged {third}: {:?}",
+        log_events(&host)
+    );
+    assert!(is_lock_free(&host), "no lock is left after the last push");
+}
+
+#[test]
+fn cut_connection_leaves_host_recoverable() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let proxy = TcpProxy::start(host.address(), (host.address(), 22).into(), None);
+    let project = Project::new();
+    project.add_host_at("test", &host, proxy.address(), "root", &[QUICK_HEALTH]);
+    assert_success(&project.crucible(&["push", "test"]));
+    let first = live_release(&host);
+
+    project.write_random_file("upload-1.bin", BIG_FILE_SIZE);
+    let mut running = project.spawn_crucible(&["push", "test"]);
+    wait_for_upload(&host, &mut running);
+    assert!(proxy.cut_all() > 0, "the push had a connection to cut");
+    let output = running.wait(Duration::from_secs(60));
+    assert!(
+        !output.status.success(),
+        "a push whose connection was cut cannot succeed:\n{}",
+        stderr(&output)
+    );
+    assert_eq!(
+        assert_host_recovers(&host),
+        first,
+        "the upload never went live"
+    );
+
+    project.remove_file("upload-1.bin");
+    project.write_file("VERSION", "after the cut\n");
+    let output = project.crucible(&["push", "test"]);
+    assert_success(&output);
+    let second = live_release(&host);
+    assert_ne!(second, first);
+    assert_serves(&host, &second);
+    assert!(
+        partial_releases(&host).is_empty(),
+        "the next push removed the cut upload: {:?}",
+        partial_releases(&host)
+    );
+    assert!(is_lock_free(&host), "no lock is left after the last push");
+}
+
+#[test]
+fn current_never_missing_during_switches() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let project = Project::new();
+    project.add_host("test", &host, "root", &[r#"health = { settle = "0s" }"#]);
+    assert_success(&project.crucible(&["push", "test"]));
+    let first = live_release(&host);
+    project.write_file("VERSION", "2\n");
+    assert_success(&project.crucible(&["push", "test"]));
+    let second = live_release(&host);
+
+    // Python reads the link in a tight loop (an estimated million times a second), so even a short
+    // gap between unlink and symlink would be seen. The loop ends on a stop file, a deadline
+    // or an iteration cap, whichever comes first.
+    host.run_checked(
+        r#"cat > /tmp/reader.py <<'EOF'
+import os, time
+deadline = time.monotonic() + 600
+reads = failures = 0
+while reads < 2_000_000_000 and time.monotonic() < deadline:
+    if reads % 1000 == 0 and os.path.exists("/tmp/reader.stop"):
+        break
+    try:
+        os.readlink("/srv/webapp/current")
+    except OSError as error:
+        failures += 1
+        with open("/tmp/reader.failed", "a") as marker:
+            marker.write("%s\n" % error)
+    reads += 1
+with open("/tmp/reader.done", "w") as done:
+    done.write("%d %d\n" % (reads, failures))
+EOF
+nohup python3 /tmp/reader.py >/dev/null 2>&1 &"#,
+    );
+
+    const SWITCHES: usize = 50;
+    for switch in 0..SWITCHES {
+        let target = if switch % 2 == 0 { &first } else { &second };
+        let output = project.crucible(&["-q", "rollback", "test", "--to", target]);
+        assert_success(&output);
+    }
+
+    host.run_checked("touch /tmp/reader.stop");
+    wait_for_host(
+        &host,
+        "test -s /tmp/reader.done",
+        Duration::from_secs(10),
+        "the reader loop to stop",
+    );
+    let result = host.run_checked("cat /tmp/reader.done");
+    let (reads, failures) = result
+        .trim()
+        .split_once(' ')
+        .expect("the reader writes `READS FAILURES`");
+    assert_eq!(
+        failures,
+        "0",
+        "readlink failed during the switches: {}",
+        host.run_as_root("cat /tmp/reader.failed")
+            .stdout
+            .escape_ascii()
+    );
+    assert!(
+        reads.parse::<u64>().unwrap() > 100_000,
+        "the reader ran only {reads} reads, too few to cover the switches"
+    );
+    assert_eq!(
+        live_release(&host),
+        second,
+        "the last rollback went to {second}"
+    );
+    assert_serves(&host, &second);
+}
+
+#[test]
+fn same_artifact_uploads_nothing() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let project = Project::new();
+    project.add_host("test", &host, "root", &[QUICK_HEALTH]);
+    assert_success(&project.crucible(&["push", "test"]));
+    let first = live_release(&host);
+    let main_pid = host.systemctl_show("webapp.service", "MainPID");
+
+    let output = project.crucible(&["--json", "push", "test"]);
+    assert_success(&output);
+    let summary = json_summary(&output);
+    assert_eq!(summary["outcome"], "unchanged");
+    assert_eq!(summary["files_sent"], 0);
+    assert_eq!(summary["release"], first.as_str());
+    let text = project.crucible(&["push", "test"]);
+    assert_success(&text);
+    assert!(
+        stderr(&text).contains("unchanged") || stderr(&text).contains("already live"),
+        "the report says nothing changed:\n{}",
+        stderr(&text)
+    );
+    assert_eq!(
+        host.systemctl_show("webapp.service", "MainPID"),
+        main_pid,
+        "an unchanged push does not restart the service"
+    );
+
+    project.write_file("VERSION", "2\n");
+    assert_success(&project.crucible(&["push", "test"]));
+    let second = live_release(&host);
+    assert_ne!(second, first);
+
+    // The first tree again: its release is on the host but not live.
+    project.remove_file("VERSION");
+    let output = project.crucible(&["--json", "push", "test"]);
+    assert_success(&output);
+    let summary = json_summary(&output);
+    assert_eq!(summary["outcome"], "deployed");
+    assert_eq!(summary["files_sent"], 0, "the upload is skipped");
+    assert_eq!(summary["release"], first.as_str());
+    let upload = summary["steps"]
+        .as_array()
+        .expect("the summary lists its steps")
+        .iter()
+        .find(|step| step["name"] == "upload")
+        .expect("the upload step is reported");
+    assert!(
+        upload["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("skipped"),
+        "the upload step says it was skipped: {upload}"
+    );
+    assert_eq!(live_release(&host), first);
+    assert_serves(&host, &first);
+}
+
+#[test]
+fn terminated_upload_changes_nothing() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let project = Project::new();
+    project.add_host("test", &host, "root", &[QUICK_HEALTH]);
+    assert_success(&project.crucible(&["push", "test"]));
+    let live = live_release(&host);
+    let main_pid = host.systemctl_show("webapp.service", "MainPID");
+
+    project.write_random_file("upload-1.bin", BIG_FILE_SIZE);
+    let mut running = project.spawn_crucible(&["push", "test"]);
+    wait_for_upload(&host, &mut running);
+    running.signal("TERM");
+    let output = running.wait(Duration::from_secs(30));
+    assert_exit_code(&output, 130);
+
+    assert_eq!(live_release(&host), live, "current is untouched");
+    assert_eq!(
+        host.systemctl_show("webapp.service", "MainPID"),
+        main_pid,
+        "the service was not restarted"
+    );
+    assert_serves(&host, &live);
+    assert!(
+        partial_releases(&host).is_empty(),
+        "the interrupted upload was removed: {:?}",
+        partial_releases(&host)
+    );
+    // The client releases the lock itself before it exits, so there is nothing to wait for.
+    assert!(is_lock_free(&host), "the lock was released on exit");
+}
