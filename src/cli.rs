@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "crucible", version, about, long_about = None)]
 pub struct Cli {
-    /// Path of hosts.toml.
+    /// Path of the hosts.toml to read, relative to the working directory. Example: -c deploy/hosts.toml
     #[arg(
         short,
         long,
@@ -19,15 +19,17 @@ pub struct Cli {
     )]
     pub config: PathBuf,
 
-    /// Print each remote command before it runs (-v), and stream remote output (-vv).
+    /// Print each remote command before it runs (-v), and also stream remote output (-vv).
+    /// Example: crucible push prod -vv
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// Print only failures and the final line.
+    /// Print only failed steps and the final line. Example: crucible push prod -q
     #[arg(short, long, global = true)]
     pub quiet: bool,
 
-    /// Print newline-delimited JSON events and a summary object on stdout instead of text.
+    /// Print newline-delimited JSON events and a summary object on stdout instead of text;
+    /// docs/json-report.md has the schema. Example: crucible push prod --json
     #[arg(long, global = true)]
     pub json: bool,
 
@@ -77,24 +79,27 @@ pub enum Command {
     ///
     /// Example: crucible completions bash > /etc/bash_completion.d/crucible
     Completions {
-        /// The shell: bash, zsh, fish, elvish or powershell.
+        /// The shell to print the script for: bash, zsh, fish, elvish or powershell.
+        /// Example: crucible completions zsh > ~/.zfunc/_crucible
         shell: clap_complete::Shell,
     },
 }
 
 #[derive(Debug, Args)]
 pub struct HostArgs {
-    /// A host name from hosts.toml, the NAME of a [hosts.NAME] table.
+    /// A host name from hosts.toml, the NAME of a [hosts.NAME] table. Example: prod
     pub host: String,
 }
 
 #[derive(Debug, Args)]
 pub struct DeployOptions {
-    /// Show the plan and change nothing on the host.
+    /// Print the plan and change nothing on the host. A push lists files, size, release id and
+    /// remote steps without connecting. Example: crucible push prod --dry-run
     #[arg(long)]
     pub dry_run: bool,
 
-    /// Wait this long for another deploy's lock, e.g. "90s" or "5m", instead of failing at once.
+    /// How long to wait for another deploy's lock before failing, as a duration with a unit
+    /// (s, m, h). Without it a held lock fails at once. Example: --lock-wait 5m
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub lock_wait: Option<Duration>,
 }
@@ -108,6 +113,7 @@ pub struct PushArgs {
     pub options: DeployOptions,
 
     /// Leave a release that fails its health check live instead of rolling back, for debugging.
+    /// Example: crucible push staging --no-rollback
     #[arg(long)]
     pub no_rollback: bool,
 }
@@ -121,6 +127,7 @@ pub struct RollbackArgs {
     pub options: DeployOptions,
 
     /// The release id to go back to, as `crucible releases` lists it.
+    /// Example: --to 20261204T150102Z-3f9a1c2e
     #[arg(long, value_name = "RELEASE")]
     pub to: Option<String>,
 }
@@ -130,18 +137,19 @@ pub struct LogsArgs {
     #[command(flatten)]
     pub host: HostArgs,
 
-    /// Keep printing new lines as they arrive.
+    /// Keep printing new lines as they arrive, until Ctrl-C. Example: crucible logs prod -f
     #[arg(short, long)]
     pub follow: bool,
 
-    /// Number of journal lines to show.
+    /// How many of the latest journal lines to print (a count of lines). Example: -n 200
     #[arg(short = 'n', long, default_value_t = 50)]
     pub lines: u32,
 }
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
-    /// Also write .github/workflows/deploy.yml.
+    /// Also write .github/workflows/deploy.yml beside hosts.toml: a GitHub Actions workflow
+    /// that runs `crucible push prod` on every push to main. Example: crucible init --workflow
     #[arg(long)]
     pub workflow: bool,
 }
