@@ -277,7 +277,8 @@ pub async fn check(plan: &HostPlan, reporter: &mut Reporter) -> Result<(), Error
 
     let failed = checks.iter().filter(|check| !check.ok).count();
     let color = reporter.mode().color;
-    for check in &checks {
+    let quiet = reporter.mode().quiet;
+    for check in checks.iter().filter(|check| !quiet || !check.ok) {
         let mark = match (check.ok, color) {
             (true, true) => "\x1b[32m✓\x1b[0m",
             (false, true) => "\x1b[31m✗\x1b[0m",

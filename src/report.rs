@@ -2,7 +2,7 @@
 //! newline-delimited JSON with `--json`, and groups, annotations and a job summary in GitHub Actions.
 //!
 //! Text and GitHub workflow commands both go to stderr, so a log shows them in the order they
-//! were written; stdout carries only the JSON events. The runner reads workflow commands from
+//! were written. Stdout carries only the JSON events. The runner reads workflow commands from
 //! both streams.
 
 use std::io::Write;
@@ -52,8 +52,9 @@ pub struct Summary {
     pub files_sent: Option<usize>,
     pub bytes_sent: Option<u64>,
     pub files_reused: Option<usize>,
-    /// `deployed`, `unchanged`, `rolled_back`, `failed_before_switch`, `housekeeping_failed`,
-    /// `rollback_failed`, `interrupted` or `failed`.
+    /// `deployed`, `unchanged`, `dry_run`, `rolled_back`, `failed_before_switch`,
+    /// `housekeeping_failed`, `rollback_failed`, `interrupted` or `failed`; docs/json-report.md
+    /// describes each.
     pub outcome: String,
     pub exit_code: u8,
     pub duration_ms: u64,
@@ -220,6 +221,10 @@ impl Reporter {
             let line = match summary.outcome.as_str() {
                 "deployed" => format!(
                     "{} {release} is live on {} ({seconds:.2}s)",
+                    summary.command, summary.host
+                ),
+                "dry_run" => format!(
+                    "dry run of {} on {}: nothing changed ({seconds:.2}s)",
                     summary.command, summary.host
                 ),
                 "unchanged" => format!(

@@ -126,6 +126,14 @@ fn exit_1_when_check_finds_gap() {
         "check counts the failures: {}",
         stderr(&output)
     );
+
+    let quiet = project.crucible(&["check", "test", "-q"]);
+    let quiet_stdout = String::from_utf8_lossy(&quiet.stdout);
+    assert_eq!(
+        quiet_stdout.lines().count(),
+        1,
+        "check -q prints only the failed check:\n{quiet_stdout}"
+    );
 }
 
 #[test]
