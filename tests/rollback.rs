@@ -427,6 +427,13 @@ fn shared_copy_replaces_release_file() {
         report.contains("warning: the release contains .env"),
         "the report warns that the shared copy replaced the release's .env:\n{report}"
     );
+
+    // The live release's .env is now a symlink into shared/: the next upload must replace it
+    // without writing through it.
+    project.write_file(".env", "SECRET=from-release-2\n");
+    let second = push_version(&project, &host, 2);
+    assert_live(&host, &second);
+    assert_shared_links(&host);
 }
 
 #[test]
