@@ -46,10 +46,22 @@ pub async fn releases(plan: &HostPlan, json: bool) -> Result<(), Error> {
     let target = facts
         .history
         .rollback_target(facts.live.as_deref(), &facts.releases);
-    let rows: Vec<ReleaseRow> = facts
-        .releases
-        .iter()
-        .rev()
+    // Newest first by the log, which records the order of pushes whatever the clocks of the
+    // machines that pushed them said; releases the log never saw come last, by id.
+    let mut ordered: Vec<&String> = facts.releases.iter().collect();
+    ordered.sort_by_key(|id| {
+        let position = facts
+            .history
+            .events
+            .iter()
+            .position(|event| &event.release == *id);
+        (
+            std::cmp::Reverse(position.map_or(0, |index| index + 1)),
+            std::cmp::Reverse(*id),
+        )
+    });
+    let rows: Vec<ReleaseRow> = ordered
+        .into_iter()
         .map(|id| {
             let first = facts.history.first_deploy(id);
             ReleaseRow {
