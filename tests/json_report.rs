@@ -78,11 +78,14 @@ fn mask_numbers(text: &str) -> String {
     masked
 }
 
-/// Cuts the unit's state off a health failure reason. How far systemd got restarting a dying
-/// unit when the gate looked depends on timing.
+/// Cuts the reason off a failed unit check. How far systemd got restarting a dying unit when
+/// the gate looked depends on timing, and so does which symptom the gate saw first.
 fn cut_unit_state(text: &str) -> String {
-    match text.find("ActiveState=") {
-        Some(start) => format!("{}<UNIT STATE>", &text[..start]),
+    if !text.contains("ActiveState=") {
+        return text.to_string();
+    }
+    match text.find("failed: ") {
+        Some(start) => format!("{}<UNIT FAILURE>", &text[..start + "failed: ".len()]),
         None => text.to_string(),
     }
 }

@@ -109,20 +109,46 @@ pub async fn settle(
 ) -> Result<Result<UnitState, Unhealthy>, SshError> {
     let end = Instant::now() + window;
     let mut state;
+    // A manual restart may reset NRestarts, so the lower of the counts before and just after the
+    // restart is the baseline; a new main process during the window is a restart too.
+    let mut baseline = restarts_before;
+    let mut first_pid = None;
     loop {
         state = read_unit_state(session, unit, step_deadline).await?;
+        baseline = baseline.min(state.restarts);
+        if state.sub_state == "auto-restart" {
+            return Ok(Err(Unhealthy {
+                check: "unit",
+                reason: format!(
+                    "the unit exited and systemd is restarting it: {}",
+                    state.summary()
+                ),
+            }));
+        }
+        if state.main_pid != 0 {
+            let pid = *first_pid.get_or_insert(state.main_pid);
+            if pid != state.main_pid {
+                return Ok(Err(Unhealthy {
+                    check: "unit",
+                    reason: format!(
+                        "the unit's main process changed from {pid} during the settle window: {}",
+                        state.summary()
+                    ),
+                }));
+            }
+        }
         if state.active_state != "active" && state.active_state != "activating" {
             return Ok(Err(Unhealthy {
                 check: "unit",
                 reason: format!("the unit is not active: {}", state.summary()),
             }));
         }
-        if state.restarts > restarts_before {
+        if state.restarts > baseline {
             return Ok(Err(Unhealthy {
                 check: "unit",
                 reason: format!(
                     "systemd restarted the unit {} time(s) since the deploy: {}",
-                    state.restarts - restarts_before,
+                    state.restarts - baseline,
                     state.summary()
                 ),
             }));

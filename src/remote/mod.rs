@@ -340,8 +340,8 @@ pub fn switch_current(layout: &Layout, id: &str) -> String {
 /// systemd refuses a start after `StartLimitBurst` starts (5 by default) within
 /// `StartLimitIntervalSec` (10 s), and a crashing release's automatic restarts count too, so
 /// without the reset the restart of the previous release during a rollback could be refused.
-/// NOTE: [`sudoers_line`] does not allow `reset-failed` yet, so for a non-root deploy user the
-/// reset fails quietly and the start limit still applies; the restart runs either way.
+/// The reset may fail quietly, for a deploy user whose sudo rule lacks it, and the restart runs
+/// either way.
 pub fn restart(unit: &str, is_root: bool) -> String {
     let sudo = privilege(is_root);
     let unit = quote(unit);
@@ -401,7 +401,8 @@ pub fn discard(layout: &Layout, id: &str) -> String {
 /// The sudoers line that lets `user` run exactly the privileged commands crucible needs.
 pub fn sudoers_line(user: &str, unit: &str) -> String {
     format!(
-        "{user} ALL=(root) NOPASSWD: /usr/bin/systemctl restart -- {unit}, /usr/bin/systemctl daemon-reload, \
+        "{user} ALL=(root) NOPASSWD: /usr/bin/systemctl restart -- {unit}, \
+         /usr/bin/systemctl reset-failed -- {unit}, /usr/bin/systemctl daemon-reload, \
          /usr/bin/systemctl enable {unit}, /usr/bin/tee /etc/systemd/system/{unit}, \
          /usr/bin/journalctl --no-pager --output=short-iso -n * -u {unit}"
     )
