@@ -199,9 +199,9 @@ async fn push_locked(
                 )
                 .await;
         }
-        let event = ctx.event(Action::Push, &id, Outcome::Failed);
-        ctx.log_event(session, &LogReason::with(event, &error))
-            .await;
+        let mut event = ctx.event(Action::Push, &id, Outcome::Failed);
+        event.reason = Some(error.to_string());
+        ctx.log_event(session, &event).await;
         ctx.summary.outcome = if matches!(error, Error::Interrupted) {
             "interrupted"
         } else {
@@ -311,15 +311,6 @@ fn is_recorded_live(history: &History, release: &str) -> bool {
         .is_some_and(|event| event.release == release)
 }
 
-struct LogReason;
-
-impl LogReason {
-    fn with(mut event: crate::releases::LogEvent, error: &Error) -> crate::releases::LogEvent {
-        event.reason = Some(error.to_string());
-        event
-    }
-}
-
 /// Fails before any change when the deploy user cannot restart the unit, or the unit is unknown.
 fn check_privileges(ctx: &mut Context<'_>, facts: &HostFacts) -> Result<(), Error> {
     let config = &ctx.plan.config;
@@ -401,13 +392,14 @@ async fn prepare_release(
 
     if !ctx.plan.config.shared.is_empty() {
         let command = remote::link_shared(ctx.layout(), &release_dir, &ctx.plan.config.shared);
+        let linked = ctx.plan.config.shared.len();
         let output = ctx
             .remote_step(
                 session,
                 "shared",
                 &command,
                 ctx.plan.step_deadline(),
-                |_| format!("linked {}", ctx_shared_list(&command)),
+                |_| format!("linked {linked} shared path(s)"),
             )
             .await?;
         for (key, warning) in remote::parse_facts(&output.stdout_text()) {
@@ -434,10 +426,6 @@ async fn prepare_release(
         .await?;
     }
     Ok(())
-}
-
-fn ctx_shared_list(command: &str) -> usize {
-    command.matches("ln -s --").count()
 }
 
 /// Streams the archive into `tar -x` on the host while it is being built: the tree is read,

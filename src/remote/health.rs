@@ -218,10 +218,11 @@ pub async fn check(
     health: &Health,
     step_deadline: Duration,
 ) -> Result<Result<String, Unhealthy>, SshError> {
-    let state = match settle(session, unit, restarts_before, health.settle, step_deadline).await? {
-        Ok(state) => state,
-        Err(unhealthy) => return Ok(Err(unhealthy)),
-    };
+    if let Err(unhealthy) =
+        settle(session, unit, restarts_before, health.settle, step_deadline).await?
+    {
+        return Ok(Err(unhealthy));
+    }
     let mut passed = vec![format!("unit active for {}s", health.settle.as_secs_f32())];
     if let Some(url) = &health.http {
         let command = http_probe(url, Duration::from_secs(5));
@@ -261,7 +262,6 @@ pub async fn check(
         }
         passed.push(format!("`{probe}` passed"));
     }
-    let _ = state;
     Ok(Ok(passed.join(", ")))
 }
 
