@@ -125,9 +125,13 @@ pub async fn activate(
 ) -> Result<Activation, Error> {
     switch(ctx, session, release, from_partial).await?;
 
-    let reason = match restart_and_check(ctx, session, release, is_root).await? {
-        Ok(()) => return Ok(Activation::Healthy),
-        Err(reason) => reason,
+    // From here on `current` names the new release, so an error such as a restart that runs past
+    // its deadline counts as a failed gate: returning it would report the push as failed before
+    // the switch and leave the release live without a rollback.
+    let reason = match restart_and_check(ctx, session, release, is_root).await {
+        Ok(Ok(())) => return Ok(Activation::Healthy),
+        Ok(Err(reason)) => reason,
+        Err(error) => error.to_string(),
     };
     if no_rollback {
         return Ok(Activation::Broken {
@@ -148,24 +152,35 @@ pub async fn activate(
             &ctx.plan.config.unit,
             is_root,
         );
-        ctx.remote_step(
-            session,
-            "unit",
-            &command,
-            ctx.plan.step_deadline(),
-            unit_detail,
-        )
-        .await?;
+        if let Err(error) = ctx
+            .remote_step(
+                session,
+                "unit",
+                &command,
+                ctx.plan.step_deadline(),
+                unit_detail,
+            )
+            .await
+        {
+            return Ok(Activation::Broken {
+                reason: format!(
+                    "{reason}; reinstalling the unit file of {previous} failed: {error}"
+                ),
+            });
+        }
     }
     if let Err(error) = switch(ctx, session, previous, false).await {
         return Ok(Activation::Broken {
             reason: format!("{reason}; switching back to {previous} failed: {error}"),
         });
     }
-    match restart_and_check(ctx, session, previous, is_root).await? {
-        Ok(()) => Ok(Activation::RolledBack { reason }),
-        Err(second) => Ok(Activation::Broken {
+    match restart_and_check(ctx, session, previous, is_root).await {
+        Ok(Ok(())) => Ok(Activation::RolledBack { reason }),
+        Ok(Err(second)) => Ok(Activation::Broken {
             reason: format!("{reason}; the previous release {previous} is unhealthy too: {second}"),
+        }),
+        Err(error) => Ok(Activation::Broken {
+            reason: format!("{reason}; checking the previous release {previous} failed: {error}"),
         }),
     }
 }

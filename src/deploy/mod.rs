@@ -419,12 +419,18 @@ impl<'a> Context<'a> {
     ) -> Result<(), Error> {
         let mut on_host = facts.releases.clone();
         on_host.insert(live.to_string());
+        // `prepare` listed the venv links before this push linked the live release's venv, so a
+        // reused venv whose other users are pruned now would otherwise be pruned with them.
+        let mut venv_links = facts.venv_links.clone();
+        if let Some(key) = &self.summary.venv_key {
+            venv_links.insert(live.to_string(), self.layout().venv(key));
+        }
         let (releases, venvs) = crate::releases::plan_prune(
             history,
             live,
             self.plan.config.keep,
             &on_host,
-            &facts.venv_links,
+            &venv_links,
             &facts.venvs,
         );
         if releases.is_empty() && venvs.is_empty() {

@@ -1,0 +1,120 @@
+//! Attacks on crucible against real test hosts: hung restarts, pruning after a venv is reused,
+//! hostile host state and hostile app trees. Each test is a bug found by trying to break a push,
+//! minimised, and it asserts on the host's state afterwards.
+
+mod support;
+
+use std::process::Output;
+use std::time::Duration;
+
+use support::{APP_PORT, Project, TestHost, wait_until};
+
+/// A settle window shorter than the 3 s default, for tests that do not probe the settle window.
+const QUICK_HEALTH: &str = r#"health = { settle = "1s" }"#;
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "crucible failed with {}:\n{}",
+        output.status,
+        stderr(output)
+    );
+}
+
+fn assert_exit_code(output: &Output, code: i32) {
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "expected exit status {code}; stderr:\n{}",
+        stderr(output)
+    );
+}
+
+/// Waits until the app answers /health with `release`, which takes a moment after a restart.
+fn assert_serves(host: &TestHost, release: &str) {
+    let mut last = String::new();
+    let serves = wait_until(Duration::from_secs(15), || {
+        match host.http_get(APP_PORT, "/health") {
+            Ok((_, body)) => {
+                last = body;
+                last.contains(release)
+            }
+            Err(error) => {
+                last = error.to_string();
+                false
+            }
+        }
+    });
+    assert!(
+        serves,
+        "the app should serve {release}; last answer: {last}"
+    );
+}
+
+#[test]
+fn restart_past_deadline_is_rolled_back() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let project = Project::new();
+    project.add_host(
+        "test",
+        &host,
+        "root",
+        &[QUICK_HEALTH, r#"timeouts = { restart = "2s" }"#],
+    );
+    assert_success(&project.crucible(&["push", "test"]));
+    let good = host.live_release();
+
+    // `systemctl restart` waits for ExecStartPre, so it runs past the 2 s restart deadline.
+    let unit = project.read_file("deploy/webapp.service");
+    project.write_file(
+        "deploy/webapp.service",
+        &unit.replace("ExecStart=", "ExecStartPre=/bin/sleep 30\nExecStart="),
+    );
+    let output = project.crucible(&["push", "test"]);
+
+    assert_exit_code(&output, 7);
+    assert_eq!(
+        host.live_release(),
+        good,
+        "current should be back on the release before the hung one"
+    );
+    assert_serves(&host, &good);
+}
+
+#[test]
+fn reused_venv_survives_pruning() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let project = Project::new();
+    project.add_host("test", &host, "root", &[QUICK_HEALTH, "keep = 2"]);
+    let requirements = project.read_file("requirements.txt");
+    let app = project.read_file("app.py");
+    assert_success(&project.crucible(&["push", "test"]));
+
+    // The second release gets a venv of its own; the third goes back to the first venv, whose
+    // only other user, the first release, is pruned by that same push.
+    project.write_file("requirements.txt", &format!("{requirements}# second\n"));
+    project.write_file("app.py", &format!("{app}# second\n"));
+    assert_success(&project.crucible(&["push", "test"]));
+    project.write_file("requirements.txt", &requirements);
+    project.write_file("app.py", &format!("{app}# third\n"));
+    assert_success(&project.crucible(&["push", "test"]));
+
+    let venv = host
+        .readlink("/srv/webapp/current/.venv")
+        .expect("the live release links a venv");
+    assert!(
+        host.exists(&format!("{venv}/bin/python")),
+        "the live release's venv {venv} should survive pruning; venvs left: {:?}",
+        host.list_directory("/srv/webapp/venvs")
+    );
+}
