@@ -118,3 +118,39 @@ fn reused_venv_survives_pruning() {
         host.list_directory("/srv/webapp/venvs")
     );
 }
+
+#[test]
+fn shared_path_through_app_symlink_is_rejected() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let project = Project::new();
+    project.add_host("test", &host, "root", &[QUICK_HEALTH]);
+    assert_success(&project.crucible(&["push", "test"]));
+    let good = host.live_release();
+
+    // The app ships `outside -> /tmp`, so linking the shared path `outside/escaped/` into the
+    // release would create /tmp/escaped on the host.
+    std::os::unix::fs::symlink("/tmp", project.app_path().join("outside"))
+        .expect("failed to create the symbolic link in the app");
+    project.add_host(
+        "escape",
+        &host,
+        "root",
+        &[QUICK_HEALTH, r#"shared = ["outside/escaped/"]"#],
+    );
+    let output = project.crucible(&["push", "escape"]);
+
+    assert_exit_code(&output, 6);
+    assert!(
+        stderr(&output).contains("outside/escaped"),
+        "the error should name the shared path: {}",
+        stderr(&output)
+    );
+    assert!(
+        !host.exists("/tmp/escaped"),
+        "the shared link must not be created outside the release"
+    );
+    assert_eq!(host.live_release(), good, "current should be unchanged");
+}

@@ -267,6 +267,17 @@ pub fn link_shared(layout: &Layout, release_dir: &str, shared: &[String]) -> Str
                 .map(|(parent, _)| parent)
                 .unwrap_or(".")
         ));
+        // A symlink in the release, such as `data -> /var/lib/app`, would make the `rm -rf` and
+        // `ln` below act outside the release, so the target's parent must resolve inside it.
+        let _ = writeln!(
+            script,
+            "case \"$(realpath -m -- {parent})/\" in \"$(realpath -- {release})\"/*) ;; *) echo {message} >&2; exit 4;; esac",
+            release = quote(release_dir),
+            message = quote(&format!(
+                "shared path {name} leads out of the release through a symbolic link in the app; \
+                 remove the link from the app or change shared in hosts.toml"
+            )),
+        );
         if is_directory {
             let _ = writeln!(script, "mkdir -p -- {source}");
         } else {
@@ -515,6 +526,20 @@ mod tests {
         );
         assert!(script.contains("mkdir -p -- /srv/app/shared/data"));
         assert!(!script.contains("exit 3"));
+    }
+
+    #[test]
+    fn shared_target_must_resolve_inside_release() {
+        let script = link_shared(
+            &Layout::new("/srv/app"),
+            "/srv/app/releases/r1.partial",
+            &["data/cache/".into()],
+        );
+        let check = script
+            .find(r#"case "$(realpath -m -- /srv/app/releases/r1.partial/data)/" in "$(realpath -- /srv/app/releases/r1.partial)"/*)"#)
+            .expect("the script checks where the target's parent resolves");
+        let remove = script.find("rm -rf").unwrap();
+        assert!(check < remove, "the check must run before anything is removed");
     }
 
     #[test]
