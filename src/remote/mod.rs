@@ -539,7 +539,10 @@ mod tests {
             .find(r#"case "$(realpath -m -- /srv/app/releases/r1.partial/data)/" in "$(realpath -- /srv/app/releases/r1.partial)"/*)"#)
             .expect("the script checks where the target's parent resolves");
         let remove = script.find("rm -rf").unwrap();
-        assert!(check < remove, "the check must run before anything is removed");
+        assert!(
+            check < remove,
+            "the check must run before anything is removed"
+        );
     }
 
     #[test]
