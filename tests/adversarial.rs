@@ -154,3 +154,36 @@ fn shared_path_through_app_symlink_is_rejected() {
     );
     assert_eq!(host.live_release(), good, "current should be unchanged");
 }
+
+#[test]
+fn python_banner_does_not_block_lock() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    // A python3 that prints a line before running anything, as some wrappers and sitecustomize
+    // hooks do. The lock holder's `locked` line then arrives second.
+    host.run_checked(
+        "printf '#!/bin/sh\\necho python wrapper banner\\nexec /usr/bin/python3 \"$@\"\\n' \
+         > /usr/local/bin/python3 && chmod +x /usr/local/bin/python3",
+    );
+    let project = Project::new();
+    project.add_host("test", &host, "root", &[QUICK_HEALTH]);
+    let output = project.crucible(&["--json", "push", "test"]);
+
+    assert_success(&output);
+    let summary: serde_json::Value = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .last()
+        .expect("the JSON report ends with a summary");
+    let release = summary["release"]
+        .as_str()
+        .expect("the summary names the release");
+    assert_eq!(
+        host.live_release(),
+        release,
+        "current should point at the push"
+    );
+    assert_serves(&host, release);
+}

@@ -106,7 +106,13 @@ impl DeployLock {
                 match message {
                     ChannelMsg::Data { data } => {
                         stdout.extend_from_slice(&data);
-                        if stdout.starts_with(b"locked\n") {
+                        // A host whose python3 prints a banner first still reports `locked`
+                        // on a line of its own.
+                        if stdout
+                            .split(|byte| *byte == b'\n')
+                            .any(|line| line == b"locked")
+                            && stdout.ends_with(b"\n")
+                        {
                             return Ok(None);
                         }
                     }
