@@ -175,7 +175,7 @@ fn python_banner_does_not_block_lock() {
     let summary: serde_json::Value = String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())
-        .last()
+        .next_back()
         .expect("the JSON report ends with a summary");
     let release = summary["release"]
         .as_str()
