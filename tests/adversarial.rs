@@ -34,7 +34,7 @@ fn assert_exit_code(output: &Output, code: i32) {
     );
 }
 
-/// Waits until the app answers /health with `release`, which takes a moment after a restart.
+/// Waits until the app's /health returns `release`, which takes a moment after a restart.
 fn assert_serves(host: &TestHost, release: &str) {
     let mut last = String::new();
     let serves = wait_until(Duration::from_secs(15), || {
