@@ -58,6 +58,11 @@ impl Layout {
         format!("{}/venvs/{key}", self.root)
     }
 
+    /// The lock held while the venv for `key` is built.
+    pub fn venv_lock(&self, key: &str) -> String {
+        format!("{}/.crucible/venv-{key}.lock", self.root)
+    }
+
     pub fn shared(&self) -> String {
         format!("{}/shared", self.root)
     }
@@ -236,7 +241,7 @@ pub fn sync_venv(
             "python3 -m venv -- {venv} && {venv}/bin/pip install --disable-pip-version-check --no-input -r {requirements}"
         )
     };
-    format!(
+    let build = format!(
         "set -e\n\
          if [ -f {venv}/{VENV_COMPLETE} ]; then echo venv=reused; else\n\
          rm -rf -- {venv}\n\
@@ -246,6 +251,14 @@ pub fn sync_venv(
          echo venv=built\n\
          fi\n\
          ln -sfn -- {venv} {release}/.venv\n"
+    );
+    // An interrupted push stops crucible but not a pip already running on the host. Holding a
+    // lock per venv for the whole build makes the next push wait for that pip, instead of
+    // deleting the venv under it and letting it write the marker into a half-built one.
+    format!(
+        "flock -x {} sh -c {}",
+        quote(&layout.venv_lock(key)),
+        quote(&build)
     )
 }
 
@@ -396,7 +409,10 @@ pub fn prune(layout: &Layout, releases: &[String], venvs: &[String]) -> String {
         .iter()
         .map(|id| quote(&layout.release(id)))
         .collect();
-    paths.extend(venvs.iter().map(|key| quote(&layout.venv(key))));
+    for key in venvs {
+        paths.push(quote(&layout.venv(key)));
+        paths.push(quote(&layout.venv_lock(key)));
+    }
     format!("rm -rf -- {}", paths.join(" "))
 }
 
@@ -548,7 +564,10 @@ mod tests {
     #[test]
     fn prune_names_each_path() {
         let command = prune(&Layout::new("/srv/app"), &["r1".into()], &["k1".into()]);
-        assert_eq!(command, "rm -rf -- /srv/app/releases/r1 /srv/app/venvs/k1");
+        assert_eq!(
+            command,
+            "rm -rf -- /srv/app/releases/r1 /srv/app/venvs/k1 /srv/app/.crucible/venv-k1.lock"
+        );
     }
 
     #[test]
