@@ -275,9 +275,22 @@ impl<'a> Context<'a> {
 
     /// Opens the session and reports it as the `connect` step.
     pub async fn connect(&mut self) -> Result<Session, Error> {
-        self.reporter.start_step("connect");
         let started = Instant::now();
-        match Session::connect(&self.plan.target).await {
+        let result = Session::connect(&self.plan.target).await;
+        self.report_connect(result, started.elapsed())
+    }
+
+    /// Reports a connection attempt that took `took`, which may have run alongside other work.
+    pub fn report_connect(
+        &mut self,
+        result: Result<Session, SshError>,
+        took: Duration,
+    ) -> Result<Session, Error> {
+        self.reporter.start_step("connect");
+        let started = Instant::now()
+            .checked_sub(took)
+            .unwrap_or_else(Instant::now);
+        match result {
             Ok(session) => {
                 self.local_step("connect", started, true, self.plan.display());
                 Ok(session)

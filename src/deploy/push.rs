@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::activate::{self, Activation, unit_detail};
 use super::{Context, DeployOptions, HostFacts};
-use crate::archive::Manifest;
+use crate::archive::{ArchiveError, Manifest};
 use crate::error::Error;
 use crate::releases::{Action, History, Outcome, release_id};
 use crate::remote;
@@ -51,8 +51,51 @@ pub fn scan(ctx: &mut Context<'_>) -> Result<Artifact, Error> {
     let config = &ctx.plan.config;
     ctx.reporter.start_step("scan");
     let started = Instant::now();
-    let manifest = Manifest::scan(&config.source, &config.exclude)
-        .map_err(|error| Error::Usage(error.to_string()))?;
+    let scanned = Manifest::scan(&config.source, &config.exclude);
+    check_scan(ctx, started, scanned)
+}
+
+/// Hashes the tree while the SSH connection is set up, because neither needs the other. The scan
+/// is still reported first, and its error wins over a connection error, as when they ran in turn.
+async fn scan_while_connecting(ctx: &mut Context<'_>) -> Result<(Artifact, Session), Error> {
+    let plan = ctx.plan;
+    let connect_started = Instant::now();
+    let connecting = async {
+        let result = Session::connect(&plan.target).await;
+        (result, connect_started.elapsed())
+    };
+    tokio::pin!(connecting);
+
+    ctx.reporter.start_step("scan");
+    let started = Instant::now();
+    let (source, exclude) = (plan.config.source.clone(), plan.config.exclude.clone());
+    let mut scanning = tokio::task::spawn_blocking(move || Manifest::scan(&source, &exclude));
+    let mut connected = None;
+    let scanned = loop {
+        tokio::select! {
+            scanned = &mut scanning => break scanned,
+            result = &mut connecting, if connected.is_none() => connected = Some(result),
+        }
+    };
+    let scanned = scanned.unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
+    let artifact = check_scan(ctx, started, scanned)?;
+
+    let (result, took) = match connected {
+        Some(connected) => connected,
+        None => connecting.await,
+    };
+    let session = ctx.report_connect(result, took)?;
+    Ok((artifact, session))
+}
+
+/// Checks that the files hosts.toml names are part of the scanned tree, and reports the scan.
+fn check_scan(
+    ctx: &mut Context<'_>,
+    started: Instant,
+    scanned: Result<Manifest, ArchiveError>,
+) -> Result<Artifact, Error> {
+    let config = &ctx.plan.config;
+    let manifest = scanned.map_err(|error| Error::Usage(error.to_string()))?;
 
     let contains = |path: &str| manifest.entries.iter().any(|entry| entry.path == path);
     let mut requirements = None;
@@ -96,13 +139,13 @@ pub fn scan(ctx: &mut Context<'_>) -> Result<Artifact, Error> {
 
 /// Runs a whole push; the summary in `ctx` says how far it got.
 pub async fn run(ctx: &mut Context<'_>, options: &DeployOptions) -> Result<(), Error> {
-    let artifact = scan(ctx)?;
     if options.dry_run {
+        let artifact = scan(ctx)?;
         print_plan(ctx, &artifact);
         ctx.summary.outcome = "dry_run".to_string();
         return Ok(());
     }
-    let session = ctx.connect().await?;
+    let (artifact, session) = scan_while_connecting(ctx).await?;
     let lock = ctx.lock(&session, options.lock_wait).await?;
     let result = push_locked(ctx, &session, &artifact, options).await;
     lock.release().await;
