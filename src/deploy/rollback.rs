@@ -47,15 +47,15 @@ async fn rollback_locked(
         {
             Some(id) => id,
             None => {
-                ctx.summary.outcome = "unchanged".to_string();
+                // The outcome stays unset, so the summary reports `failed` to match exit 2.
                 ctx.reporter.note(&format!(
                     "no earlier release to roll back to (live: {}); nothing changed",
                     live.as_deref().unwrap_or("none")
                 ));
                 return Err(Error::Usage(format!(
-                    "no earlier successful release on {} to roll back to; available releases: {}",
-                    ctx.plan.config.host_name,
-                    list_or_none(facts.releases.iter().rev().map(String::as_str))
+                    "no earlier successful release on {host} to roll back to; available releases: {}. To switch to another of them, run `crucible rollback {host} --to ID`",
+                    list_or_none(facts.releases.iter().rev().map(String::as_str)),
+                    host = ctx.plan.config.host_name,
                 )));
             }
         },
