@@ -102,9 +102,12 @@ fn check_scan(
     if let Some(relative) = &config.requirements {
         let relative = relative.to_string_lossy().to_string();
         let path = config.source.join(&relative);
-        let content = std::fs::read(&path).map_err(|source| Error::Archive {
-            path: path.clone(),
-            source,
+        // A wrong path here is a hosts.toml mistake, so it exits 2 like a bad unit_file.
+        let content = std::fs::read(&path).map_err(|source| {
+            Error::Usage(format!(
+                "failed to read the requirements file {}: {source}; fix `requirements` in hosts.toml (relative to source), or remove it if the app has none",
+                path.display()
+            ))
         })?;
         if !contains(&relative) {
             return Err(Error::Usage(format!(
