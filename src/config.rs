@@ -188,14 +188,28 @@ impl Config {
     /// Parses hosts.toml text; `path` is only used in messages and to resolve relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let file: File = toml::from_str(text).map_err(|error| {
-            let line = error
-                .span()
-                .map(|span| text[..span.start].matches('\n').count() + 1)
-                .unwrap_or(1);
+            let message = error.message().trim_end();
+            let Some(span) = error.span() else {
+                return ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    line: 1,
+                    message: message.to_string(),
+                };
+            };
+            // Quoting the line names the key or table, which toml's type errors leave out.
+            let line_start = text[..span.start].rfind('\n').map_or(0, |index| index + 1);
+            let line_end = text[span.start..]
+                .find('\n')
+                .map_or(text.len(), |index| span.start + index);
+            let source_line: String = text[line_start..line_end].trim().chars().take(80).collect();
             ConfigError::Parse {
                 path: path.to_path_buf(),
-                line,
-                message: error.message().trim_end().to_string(),
+                line: text[..span.start].matches('\n').count() + 1,
+                message: if source_line.is_empty() {
+                    message.to_string()
+                } else {
+                    format!("{message}, in `{source_line}`")
+                },
             }
         })?;
         Ok(Config {
@@ -538,6 +552,10 @@ path = "/opt/webapp"
         let text = VALID.replace("keep = 3", "keep = \"three\"");
         let error = parse(&text).unwrap_err().to_string();
         assert!(error.contains("line 16"), "{error}");
+        assert!(
+            error.contains("`keep = \"three\"`"),
+            "the message quotes the line: {error}"
+        );
     }
 
     #[test]
