@@ -46,9 +46,9 @@ pub fn run(cli: Cli) -> Exit {
     match result {
         Ok(exit) => exit,
         Err(error) => {
-            if !mode.json {
-                eprintln!("error: {error}");
-            }
+            // Printed with --json too, because no JSON was written for these errors and stderr
+            // keeps stdout parseable.
+            eprintln!("error: {error}");
             if mode.is_github {
                 eprintln!(
                     "::error title=crucible failed::{}",
