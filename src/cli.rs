@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "crucible", version, about, long_about = None)]
 pub struct Cli {
-    /// Path of the hosts.toml to read, relative to the working directory. Example: -c deploy/hosts.toml
+    /// Path of hosts.toml, relative to the working directory; `init` writes its starter file there.
+    /// Example: -c deploy/hosts.toml
     #[arg(
         short,
         long,
@@ -28,8 +29,9 @@ pub struct Cli {
     #[arg(short, long, global = true)]
     pub quiet: bool,
 
-    /// Print newline-delimited JSON events and a summary object on stdout instead of text;
-    /// docs/json-report.md has the schema. Example: crucible push prod --json
+    /// Print JSON on stdout instead of text: for push and rollback, newline-delimited events and a
+    /// summary (docs/json-report.md has the schema); for releases and status, one JSON document.
+    /// check, logs and init print text. Example: crucible push prod --json
     #[arg(long, global = true)]
     pub json: bool,
 
@@ -94,7 +96,8 @@ pub struct HostArgs {
 #[derive(Debug, Args)]
 pub struct DeployOptions {
     /// Print the plan and change nothing on the host. A push lists files, size, release id and
-    /// remote steps without connecting. Example: crucible push prod --dry-run
+    /// remote steps without connecting. A rollback connects and names the release it would switch
+    /// to. Example: crucible push prod --dry-run
     #[arg(long)]
     pub dry_run: bool,
 
