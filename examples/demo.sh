@@ -75,7 +75,7 @@ boot_host() {
         return
     fi
     if (exec 3<>"/dev/tcp/$address/22") 2>/dev/null; then
-        fail "something already listens on $address:22; stop it or run examples/demo.sh --stop"
+        fail "something already listens on $address:22, and it is not a demo host that this checkout booted; stop it, or set another loopback address in \$address at the top of examples/demo.sh and in [hosts.demo] in hosts.toml"
     fi
 
     echo "demo: booting a test host at $address"
