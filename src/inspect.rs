@@ -74,7 +74,7 @@ pub async fn releases(plan: &HostPlan, json: bool) -> Result<(), Error> {
                 last_outcome: facts
                     .history
                     .latest(id)
-                    .map(|event| format!("{:?} {:?}", event.action, event.outcome).to_lowercase()),
+                    .map(|event| format!("{} {}", event.action.name(), event.outcome.name())),
             }
         })
         .collect();
@@ -90,6 +90,10 @@ pub async fn releases(plan: &HostPlan, json: bool) -> Result<(), Error> {
         println!("no releases on {}", plan.config.host_name);
         return Ok(());
     }
+    println!(
+        "{:<28} {:<20} {:<32} {:<12} {:<22} MARK",
+        "RELEASE", "DEPLOYED", "BY", "VENV", "LAST EVENT"
+    );
     for row in rows {
         let mark = if row.is_live {
             "* live"
@@ -104,11 +108,12 @@ pub async fn releases(plan: &HostPlan, json: bool) -> Result<(), Error> {
             None => "",
         };
         println!(
-            "{:<28} {:<22} {:<32} {:<12} {mark}",
+            "{:<28} {:<20} {:<32} {:<12} {:<22} {mark}",
             row.id,
             row.deployed_at.as_deref().unwrap_or("-"),
             row.deployed_by.as_deref().unwrap_or("-"),
-            venv
+            venv,
+            row.last_outcome.as_deref().unwrap_or("-"),
         );
     }
     Ok(())
@@ -434,15 +439,22 @@ pub fn init(config_path: &Path, workflow: bool) -> Result<(), Error> {
         let base = config_path.parent().unwrap_or(Path::new("."));
         targets.push((base.join(".github/workflows/deploy.yml"), DEPLOY_WORKFLOW));
     }
-    for (path, _) in &targets {
-        if path.exists() {
-            return Err(Error::Usage(format!(
-                "{} already exists; crucible init never overwrites, so move it away first",
-                path.display()
-            )));
-        }
+    let (existing, missing): (Vec<_>, Vec<_>) =
+        targets.into_iter().partition(|(path, _)| path.exists());
+    for (path, _) in &existing {
+        eprintln!("{} already exists; left unchanged", path.display());
     }
-    for (path, text) in targets {
+    if missing.is_empty() {
+        return Err(Error::Usage(format!(
+            "nothing written: {} already exists, and crucible init never overwrites; move it away first",
+            existing
+                .iter()
+                .map(|(path, _)| path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        )));
+    }
+    for (path, text) in missing {
         if let Some(parent) = path
             .parent()
             .filter(|parent| !parent.as_os_str().is_empty())

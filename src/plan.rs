@@ -46,6 +46,7 @@ impl Environment {
             deployer: Deployer {
                 user: var("USER")
                     .or_else(|| var("LOGNAME"))
+                    .or_else(current_user_name)
                     .unwrap_or_else(|| "unknown".to_string()),
                 host,
                 github,
@@ -154,4 +155,17 @@ fn credentials(config: &HostConfig, environment: &Environment) -> Vec<Credential
         }
     }
     credentials
+}
+
+/// Looks up the name of the process's user in /etc/passwd, for shells that set neither `USER`
+/// nor `LOGNAME`, such as a root shell entered without sudo.
+fn current_user_name() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").ok()?.uid().to_string();
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        (fields.nth(1)? == uid).then(|| name.to_string())
+    })
 }

@@ -25,6 +25,8 @@ pub fn release_id(now: OffsetDateTime, short_sha: &str) -> String {
 /// RFC 3339 UTC time for log entries and reports.
 pub fn timestamp(now: OffsetDateTime) -> String {
     now.to_offset(time::UtcOffset::UTC)
+        .replace_nanosecond(0)
+        .expect("zero nanoseconds are always valid")
         .format(&time::format_description::well_known::Rfc3339)
         .expect("a UTC timestamp always formats")
 }
@@ -67,6 +69,28 @@ pub struct GithubRun {
     pub repository: String,
     pub run_id: String,
     pub commit: String,
+}
+
+impl Action {
+    /// The name the release log uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Push => "push",
+            Action::Rollback => "rollback",
+        }
+    }
+}
+
+impl Outcome {
+    /// The name the release log uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Deployed => "deployed",
+            Outcome::Failed => "failed",
+            Outcome::RolledBack => "rolled_back",
+            Outcome::Broken => "broken",
+        }
+    }
 }
 
 impl Deployer {

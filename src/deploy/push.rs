@@ -260,10 +260,11 @@ async fn push_locked(
     // A push killed after its switch leaves `current` on a release whose restart and health
     // gate may never have run. Pushing it again activates it, falling back to the last release
     // the log records as deployed.
-    let previous = if facts.live.as_deref() == Some(id.as_str()) {
-        facts.history.rollback_target(Some(&id), &facts.releases)
-    } else {
-        facts.live.clone()
+    // Only a complete release on the host is a place to go back to: a `current` that points
+    // at nothing, or at a directory crucible did not write, falls back to the log's choice.
+    let previous = match &facts.live {
+        Some(live) if *live != id && facts.releases.contains(live) => Some(live.clone()),
+        _ => facts.history.rollback_target(Some(&id), &facts.releases),
     };
     ctx.summary.previous_release = previous.clone();
     let activation = activate::activate(
@@ -317,6 +318,13 @@ pub async fn finish_activation(
             let mut restored = ctx.event(Action::Rollback, &previous, Outcome::Deployed);
             restored.reason = Some(format!("automatic: {id} failed its health check"));
             restored.previous = Some(id.to_string());
+            // The restored release's artifact and venv are its own, not the failed push's.
+            let earlier = facts.history.latest(&previous);
+            restored.artifact_sha256 = earlier
+                .map(|event| event.artifact_sha256.clone())
+                .unwrap_or_default();
+            restored.venv_key = earlier.and_then(|event| event.venv_key.clone());
+            restored.venv_reused = None;
             ctx.log_event(session, &restored).await;
             ctx.summary.outcome = "rolled_back".to_string();
             ctx.reporter.note(&format!("{id} failed: {reason}"));
