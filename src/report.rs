@@ -231,9 +231,35 @@ impl Reporter {
                     "{release} is already live on {}; nothing to do ({seconds:.2}s)",
                     summary.host
                 ),
-                outcome => format!(
-                    "{} on {} ended: {outcome} ({seconds:.2}s)",
+                "rolled_back" => format!(
+                    "{release} failed on {}; {} is live again ({seconds:.2}s)",
+                    summary.host,
+                    summary
+                        .previous_release
+                        .as_deref()
+                        .unwrap_or("the previous release")
+                ),
+                "failed_before_switch" => format!(
+                    "{} on {} failed before the switch; nothing changed ({seconds:.2}s)",
                     summary.command, summary.host
+                ),
+                "housekeeping_failed" => format!(
+                    "{release} is live on {}, but housekeeping failed ({seconds:.2}s)",
+                    summary.host
+                ),
+                "rollback_failed" => format!(
+                    "{release} failed on {} and no healthy release is live; act now ({seconds:.2}s)",
+                    summary.host
+                ),
+                "interrupted" => format!(
+                    "{} on {} interrupted before the switch; nothing changed ({seconds:.2}s)",
+                    summary.command, summary.host
+                ),
+                outcome => format!(
+                    "{} on {} ended: {} ({seconds:.2}s)",
+                    summary.command,
+                    summary.host,
+                    outcome.replace('_', " ")
                 ),
             };
             if !self.mode.quiet || summary.outcome != "deployed" {
