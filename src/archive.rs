@@ -52,7 +52,7 @@ pub enum ArchiveError {
     Name { path: String },
 }
 
-/// What an entry is.
+/// The type of an entry, with the data that type carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryKind {
     Directory,
@@ -136,7 +136,7 @@ impl Manifest {
         })
     }
 
-    /// The artifact sha256 shortened to 8 hex digits, as it appears in release ids.
+    /// Returns the artifact sha256 shortened to 8 hex digits, as it appears in release ids.
     pub fn short_sha(&self) -> &str {
         &self.sha256[..8]
     }
@@ -227,7 +227,7 @@ pub struct ReusedFile {
     pub mode: u32,
 }
 
-/// Which files a push sends and which it takes from the live release.
+/// The split of a push's files into those sent and those reused from the live release.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Delta {
     pub send: HashSet<String>,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-/// How the report is printed, decided once in the planning stage.
+/// The report's output settings, decided once in the planning stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputMode {
     pub json: bool,
@@ -123,7 +123,7 @@ impl Reporter {
         }
     }
 
-    /// A progress bar for the upload, drawn only in a terminal.
+    /// Returns a progress bar for the upload, drawn only in a terminal.
     pub fn upload_bar(&self) -> Option<ProgressBar> {
         if !self.is_live() {
             return None;
@@ -192,7 +192,7 @@ impl Reporter {
         )
     }
 
-    /// A remark that belongs to no step, such as a warning from the host.
+    /// Prints a remark that belongs to no step, such as a warning from the host.
     pub fn note(&mut self, message: &str) {
         if self.mode.json {
             self.emit(&Event::Note { message });

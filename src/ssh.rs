@@ -95,7 +95,7 @@ impl SshError {
     }
 }
 
-/// Why a host key was not accepted.
+/// A rejected host key: the host, both fingerprints and the reason.
 #[derive(Debug, Clone)]
 pub struct HostKeyRejection {
     pub address: String,
@@ -162,7 +162,7 @@ impl HostKeyPin {
     }
 }
 
-/// Where the host key is checked.
+/// The source the host key is checked against.
 #[derive(Debug, Clone)]
 pub enum HostKeyPolicy {
     Pinned(HostKeyPin),
@@ -212,7 +212,7 @@ impl SshTarget {
     }
 }
 
-/// What a remote command produced.
+/// The output and exit status of a remote command.
 #[derive(Debug, Default, Clone)]
 pub struct CommandOutput {
     /// The exit status, or `None` when the command was killed by a signal or the channel closed first.
@@ -230,7 +230,7 @@ impl CommandOutput {
         String::from_utf8_lossy(&self.stdout).into_owned()
     }
 
-    /// The last `lines` lines of stderr, for reports.
+    /// Returns the last `lines` lines of stderr, for reports.
     pub fn stderr_tail(&self, lines: usize) -> String {
         tail_lines(&String::from_utf8_lossy(&self.stderr), lines)
     }
@@ -298,7 +298,8 @@ impl HostKeyCheck {
     }
 }
 
-/// Whether known_hosts has an `@revoked` line for this key; russh's parser skips such lines.
+/// Returns whether known_hosts has an `@revoked` line for this key, because russh's parser
+/// skips such lines.
 fn is_revoked(path: &Path, offered: &PublicKey) -> bool {
     let Ok(text) = std::fs::read_to_string(path) else {
         return false;
@@ -495,7 +496,7 @@ pub async fn collect_output(
     Ok(output)
 }
 
-/// The first line of a command, shortened, for messages: scripts can be long.
+/// Returns the first line of a command, shortened for messages, because scripts can be long.
 pub fn short_command(command: &str) -> String {
     let first = command.lines().next().unwrap_or_default();
     if first.len() > 80 || command.contains('\n') {

@@ -79,7 +79,7 @@ impl Interrupt {
     }
 }
 
-/// What `prepare` learned about the host.
+/// Facts that `prepare` read from the host.
 #[derive(Debug, Default)]
 pub struct HostFacts {
     pub is_root: bool,

@@ -140,7 +140,7 @@ fn check_scan(
     })
 }
 
-/// Runs a whole push; the summary in `ctx` says how far it got.
+/// Runs a whole push; the summary in `ctx` records how far it got.
 pub async fn run(ctx: &mut Context<'_>, options: &DeployOptions) -> Result<(), Error> {
     if options.dry_run {
         let artifact = scan(ctx)?;
@@ -520,7 +520,7 @@ async fn upload(
         while let Some(chunk) = receiver.recv().await {
             let size = chunk.len() as u64;
             if channel.data_bytes(chunk).await.is_err() {
-                // The remote tar exited early; its status and stderr say why.
+                // The remote tar exited early; its status and stderr explain why.
                 break;
             }
             sent += size;

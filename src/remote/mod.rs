@@ -41,7 +41,8 @@ impl Layout {
         format!("{}/releases/{id}", self.root)
     }
 
-    /// Where a release is unpacked and prepared; renamed to [`Layout::release`] once complete.
+    /// Returns the directory a release is unpacked and prepared in, renamed to
+    /// [`Layout::release`] once complete.
     pub fn partial(&self, id: &str) -> String {
         format!("{}/releases/{id}.partial", self.root)
     }
@@ -195,7 +196,7 @@ pub fn link_reused(layout: &Layout, from: &str, id: &str) -> String {
     )
 }
 
-/// The stdin of [`link_reused`]: one `path\tsize\tmode` line per file.
+/// Formats the stdin of [`link_reused`]: one `path\tsize\tmode` line per file.
 pub fn reused_list(files: &[crate::archive::ReusedFile]) -> String {
     let mut text = String::new();
     for file in files {
@@ -220,7 +221,7 @@ pub fn unpack(layout: &Layout, id: &str) -> String {
 /// it as `<release>/.venv`.
 ///
 /// A venv cannot be moved once built (its scripts hold absolute paths), so it is built at its final
-/// path and the marker, written last, tells a complete venv from one cut short.
+/// path and the marker, written last, marks a complete venv apart from one cut short.
 pub fn sync_venv(
     layout: &Layout,
     release_dir: &str,
@@ -265,7 +266,7 @@ pub fn sync_venv(
 /// Links each shared path from `<path>/shared` into the release.
 ///
 /// A shared directory (written with a trailing `/`) is created when missing; a missing shared file
-/// is an error that says where to put it. When the release itself contains a shared path, the
+/// is an error that names where to put it. When the release itself contains a shared path, the
 /// shared copy wins and a `warning=` line says so.
 pub fn link_shared(layout: &Layout, release_dir: &str, shared: &[String]) -> String {
     let mut script = String::from("set -e\n");
@@ -372,7 +373,7 @@ pub fn restart(unit: &str, is_root: bool) -> String {
     format!("{sudo}systemctl reset-failed -- {unit} 2>/dev/null; {sudo}systemctl restart -- {unit}")
 }
 
-/// The unit's state as `key=value` lines, readable without privileges.
+/// Returns a command that prints the unit's state as `key=value` lines, without privileges.
 pub fn unit_state(unit: &str) -> String {
     format!(
         "systemctl show --property=ActiveState,SubState,NRestarts,MainPID,ActiveEnterTimestamp,LoadState -- {}",
@@ -380,7 +381,8 @@ pub fn unit_state(unit: &str) -> String {
     )
 }
 
-/// The last `lines` journal lines of the unit; falls back to sudo for a user outside the journal groups.
+/// Returns a command that prints the unit's last `lines` journal lines, through sudo for a user
+/// outside the journal groups.
 pub fn journal(unit: &str, lines: u32, is_root: bool) -> String {
     let unit = quote(unit);
     let plain = format!("journalctl --no-pager --output=short-iso -n {lines} -u {unit}");
@@ -425,7 +427,7 @@ pub fn discard(layout: &Layout, id: &str) -> String {
     )
 }
 
-/// The sudoers line that lets `user` run exactly the privileged commands crucible needs.
+/// Returns the sudoers line that lets `user` run exactly the privileged commands crucible needs.
 pub fn sudoers_line(user: &str, unit: &str) -> String {
     format!(
         "{user} ALL=(root) NOPASSWD: /usr/bin/systemctl restart -- {unit}, \
