@@ -4,56 +4,9 @@
 
 mod support;
 
-use std::process::Output;
-use std::time::Duration;
-
-use support::{APP_PORT, Project, TestHost, wait_until};
-
-/// A settle window shorter than the 3 s default, for tests that do not probe the settle window.
-const QUICK_HEALTH: &str = r#"health = { settle = "1s" }"#;
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn assert_success(output: &Output) {
-    assert!(
-        output.status.success(),
-        "crucible failed with {}:\n{}",
-        output.status,
-        stderr(output)
-    );
-}
-
-fn assert_exit_code(output: &Output, code: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "expected exit status {code}; stderr:\n{}",
-        stderr(output)
-    );
-}
-
-/// Waits until the app's /health returns `release`, which takes a moment after a restart.
-fn assert_serves(host: &TestHost, release: &str) {
-    let mut last = String::new();
-    let serves = wait_until(Duration::from_secs(15), || {
-        match host.http_get(APP_PORT, "/health") {
-            Ok((_, body)) => {
-                last = body;
-                last.contains(release)
-            }
-            Err(error) => {
-                last = error.to_string();
-                false
-            }
-        }
-    });
-    assert!(
-        serves,
-        "the app should serve {release}; last answer: {last}"
-    );
-}
+use support::{
+    Project, QUICK_HEALTH, assert_exit, assert_serves, assert_success, json_summary, stderr,
+};
 
 #[test]
 fn restart_past_deadline_is_rolled_back() {
@@ -79,7 +32,7 @@ fn restart_past_deadline_is_rolled_back() {
     );
     let output = project.crucible(&["push", "test"]);
 
-    assert_exit_code(&output, 7);
+    assert_exit(&output, 7);
     assert_eq!(
         host.live_release(),
         good,
@@ -142,7 +95,7 @@ fn shared_path_through_app_symlink_is_rejected() {
     );
     let output = project.crucible(&["push", "escape"]);
 
-    assert_exit_code(&output, 6);
+    assert_exit(&output, 6);
     assert!(
         stderr(&output).contains("outside/escaped"),
         "the error should name the shared path: {}",
@@ -172,11 +125,7 @@ fn python_banner_does_not_block_lock() {
     let output = project.crucible(&["--json", "push", "test"]);
 
     assert_success(&output);
-    let summary: serde_json::Value = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .next_back()
-        .expect("the JSON report ends with a summary");
+    let summary = json_summary(&output);
     let release = summary["release"]
         .as_str()
         .expect("the summary names the release");

@@ -3,9 +3,8 @@
 mod support;
 
 use std::fs;
-use std::process::Output;
 
-use support::Project;
+use support::{Project, assert_success, stderr, stdout};
 
 const SUBCOMMANDS: &[&str] = &[
     "push",
@@ -17,23 +16,6 @@ const SUBCOMMANDS: &[&str] = &[
     "init",
     "completions",
 ];
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn assert_success(output: &Output) {
-    assert!(
-        output.status.success(),
-        "crucible failed with {}:\n{}",
-        output.status,
-        stderr(output)
-    );
-}
 
 #[test]
 fn init_writes_commented_hosts_toml() {

@@ -3,33 +3,28 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Output;
 
-use support::{APP_PORT, Project, TestHost};
+use support::{Project, QUICK_HEALTH, TestHost, assert_success, json_summary};
 
-fn assert_success(output: &Output) {
-    assert!(
-        output.status.success(),
-        "crucible failed with {}:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// Runs `push --json` and returns the summary object, the last line of stdout.
+/// Runs `push --json` and returns its summary event.
 fn push_summary(project: &Project) -> serde_json::Value {
     let output = project.crucible(&["push", "test", "--json"]);
     assert_success(&output);
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let last = stdout.lines().last().expect("push --json prints a summary");
-    serde_json::from_str(last).expect("the summary is JSON")
+    json_summary(&output)
 }
 
-fn live_release(host: &TestHost) -> String {
-    let target = host
-        .readlink("/srv/webapp/current")
-        .expect("current exists");
-    target.trim_start_matches("releases/").to_string()
+/// Runs `push --json` and returns the id of the release it made.
+fn push_release(project: &Project) -> String {
+    let summary = push_summary(project);
+    summary["release"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the summary names no release: {summary}"))
+        .to_string()
+}
+
+/// Returns the contents of the file at `path` inside `release` on the host.
+fn read_release_file(host: &TestHost, release: &str, path: &str) -> String {
+    host.run_checked(&format!("cat /srv/webapp/releases/{release}/{path}"))
 }
 
 /// Lists a release's tree with type, mode and content hash, leaving out what crucible adds.
@@ -57,12 +52,7 @@ fn one_file_change_sends_one_file() {
     };
     let host = hosts.boot();
     let project = Project::new();
-    project.add_host(
-        "test",
-        &host,
-        "root",
-        &["[hosts.test.health]", "settle = \"1s\""],
-    );
+    project.add_host("test", &host, "root", &[QUICK_HEALTH]);
     write_many_files(&project, 50);
     let first = push_summary(&project);
     assert!(
@@ -79,14 +69,14 @@ fn one_file_change_sends_one_file() {
         second["files_reused"].as_u64().unwrap() > 50,
         "summary: {second}"
     );
-    let live = live_release(&host);
-    let content = host.run_checked(&format!(
-        "cat /srv/webapp/releases/{live}/pkg/module_007.py"
-    ));
+    let live = host.live_release();
+    let content = read_release_file(&host, &live, "pkg/module_007.py");
     assert_eq!(content, "VALUE = 'changed'\n");
-    let (status, body) = host.http_get(APP_PORT, "/health").expect("the app answers");
-    assert_eq!(status, 200);
-    assert!(body.contains(&live), "/health names {live}: {body}");
+    assert_eq!(
+        host.served_release(),
+        live,
+        "/health names the live release"
+    );
 }
 
 #[test]
@@ -96,12 +86,7 @@ fn delta_release_matches_full_upload() {
     };
     let host = hosts.boot();
     let project = Project::new();
-    project.add_host(
-        "test",
-        &host,
-        "root",
-        &["[hosts.test.health]", "settle = \"1s\""],
-    );
+    project.add_host("test", &host, "root", &[QUICK_HEALTH]);
     write_many_files(&project, 10);
     project.write_file("bin/run.sh", "#!/bin/sh\necho run\n");
     push_summary(&project);
@@ -122,15 +107,10 @@ fn delta_release_matches_full_upload() {
 
     // The same tree pushed to a second host without a live release is a full upload.
     let other = hosts.boot();
-    project.add_host(
-        "fresh",
-        &other,
-        "root",
-        &["[hosts.fresh.health]", "settle = \"1s\""],
-    );
+    project.add_host("fresh", &other, "root", &[QUICK_HEALTH]);
     let output = project.crucible(&["push", "fresh", "--json"]);
     assert_success(&output);
-    let full_release = live_release(&other);
+    let full_release = other.live_release();
 
     assert_eq!(
         delta_release.rsplit('-').next(),
@@ -154,12 +134,7 @@ fn unchanged_tree_uploads_nothing() {
     };
     let host = hosts.boot();
     let project = Project::new();
-    project.add_host(
-        "test",
-        &host,
-        "root",
-        &["[hosts.test.health]", "settle = \"1s\""],
-    );
+    project.add_host("test", &host, "root", &[QUICK_HEALTH]);
     let first = push_summary(&project);
     let pid = host.systemctl_show("webapp.service", "MainPID");
 
@@ -182,15 +157,10 @@ fn tampered_live_release_falls_back_to_full_upload() {
     };
     let host = hosts.boot();
     let project = Project::new();
-    project.add_host(
-        "test",
-        &host,
-        "root",
-        &["[hosts.test.health]", "settle = \"1s\""],
-    );
+    project.add_host("test", &host, "root", &[QUICK_HEALTH]);
     write_many_files(&project, 5);
     push_summary(&project);
-    let live = live_release(&host);
+    let live = host.live_release();
     host.run_checked(&format!(
         "echo extra >> /srv/webapp/releases/{live}/pkg/module_002.py"
     ));
@@ -204,10 +174,8 @@ fn tampered_live_release_falls_back_to_full_upload() {
         report.contains("does not match its manifest"),
         "report:\n{report}"
     );
-    let next = live_release(&host);
-    let copied = host.run_checked(&format!(
-        "cat /srv/webapp/releases/{next}/pkg/module_002.py"
-    ));
+    let next = host.live_release();
+    let copied = read_release_file(&host, &next, "pkg/module_002.py");
     assert_eq!(
         copied, "VALUE = 2\n",
         "the new release has the local content"
@@ -221,12 +189,7 @@ fn delta_off_sends_every_file() {
     };
     let host = hosts.boot();
     let project = Project::new();
-    project.add_host(
-        "test",
-        &host,
-        "root",
-        &["delta = false", "[hosts.test.health]", "settle = \"1s\""],
-    );
+    project.add_host("test", &host, "root", &["delta = false", QUICK_HEALTH]);
     let first = push_summary(&project);
     project.write_file("VERSION", "2\n");
     let second = push_summary(&project);
@@ -244,33 +207,22 @@ fn in_place_write_reaches_linked_release() {
     };
     let host = hosts.boot();
     let project = Project::new();
-    project.add_host(
-        "test",
-        &host,
-        "root",
-        &["[hosts.test.health]", "settle = \"1s\""],
-    );
+    project.add_host("test", &host, "root", &[QUICK_HEALTH]);
     project.write_file("state.txt", "original\n");
-    let first = push_summary(&project)["release"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let first = push_release(&project);
     project.write_file("VERSION", "2\n");
-    let second = push_summary(&project)["release"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let second = push_release(&project);
 
     // Unchanged files are hard links, so the two releases share them: an in-place write shows
     // in both, while a write that replaces the file through rename leaves the old one alone.
     host.run_checked(&format!(
         "echo appended >> /srv/webapp/releases/{second}/state.txt"
     ));
-    let shared = host.run_checked(&format!("cat /srv/webapp/releases/{first}/state.txt"));
+    let shared = read_release_file(&host, &first, "state.txt");
     assert_eq!(shared, "original\nappended\n");
     host.run_checked(&format!(
         "cd /srv/webapp/releases/{second} && echo replaced > state.tmp && mv state.tmp state.txt"
     ));
-    let kept = host.run_checked(&format!("cat /srv/webapp/releases/{first}/state.txt"));
+    let kept = read_release_file(&host, &first, "state.txt");
     assert_eq!(kept, "original\nappended\n");
 }

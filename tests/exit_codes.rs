@@ -5,52 +5,16 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{APP_PORT, Project, TestHost};
+use support::{Project, TestHost, assert_exit, stderr, stdout};
 
 /// An app.py whose process exits with status 1 a second after each start, failing the health gate.
 const DYING_APP: &str = "import sys, time\ntime.sleep(1)\nsys.exit(1)\n";
 
-fn assert_exit(output: &Output, code: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "crucible exited with {}, expected {code}; stderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn live_release(host: &TestHost) -> Option<String> {
-    host.readlink("/srv/webapp/current")
-        .map(|target| target.trim_start_matches("releases/").to_string())
-}
-
-/// The release id the running app reports on /health, once it answers.
-fn served_release(host: &TestHost) -> String {
-    let mut body = String::new();
-    let answered = support::wait_until(Duration::from_secs(10), || {
-        match host.http_get(APP_PORT, "/health") {
-            Ok((200, text)) => {
-                body = text;
-                true
-            }
-            _ => false,
-        }
-    });
-    assert!(answered, "the app did not answer /health within 10 s");
-    let value: serde_json::Value = serde_json::from_str(&body).expect("/health returns JSON");
-    value["release"]
-        .as_str()
-        .expect("/health names the release")
-        .to_string()
-}
+/// How long the app may take to respond to /health after crucible has restarted it.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Writes a fresh ed25519 public key into the project and returns it as an OpenSSH line. It is
 /// valid but belongs to no test host.
@@ -95,9 +59,9 @@ fn exit_0_when_push_goes_live() {
     let output = project.crucible(&["push", "test"]);
 
     assert_exit(&output, 0);
-    let live = live_release(&host).expect("current exists after a push");
+    let live = host.live_release();
     assert_eq!(
-        served_release(&host),
+        host.wait_for_served_release(SERVE_TIMEOUT),
         live,
         "the app serves the live release"
     );
@@ -116,10 +80,10 @@ fn exit_1_when_check_finds_gap() {
     let output = project.crucible(&["check", "test"]);
 
     assert_exit(&output, 1);
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let checks = stdout(&output);
     assert!(
-        stdout.contains("FAIL sudo rule"),
-        "check names the missing sudo rule:\n{stdout}"
+        checks.contains("FAIL sudo rule"),
+        "check names the missing sudo rule:\n{checks}"
     );
     assert!(
         stderr(&output).contains("1 of 13 checks failed"),
@@ -128,7 +92,7 @@ fn exit_1_when_check_finds_gap() {
     );
 
     let quiet = project.crucible(&["check", "test", "-q"]);
-    let quiet_stdout = String::from_utf8_lossy(&quiet.stdout);
+    let quiet_stdout = stdout(&quiet);
     assert_eq!(
         quiet_stdout.lines().count(),
         1,
@@ -243,7 +207,11 @@ fn exit_5_when_lock_is_held() {
         "the error says how to wait for the lock: {}",
         stderr(&output)
     );
-    assert_eq!(live_release(&host), None, "a locked push changes nothing");
+    assert_eq!(
+        host.live_release_if_any(),
+        None,
+        "a locked push changes nothing"
+    );
 }
 
 #[test]
@@ -259,7 +227,7 @@ fn exit_6_when_step_fails_before_switch() {
 
     assert_exit(&output, 6);
     assert_eq!(
-        live_release(&host),
+        host.live_release_if_any(),
         None,
         "no current after a failed first push"
     );
@@ -276,19 +244,19 @@ fn exit_7_when_release_is_rolled_back() {
     let project = Project::new();
     project.add_host("test", &host, "root", &[]);
     assert_exit(&project.crucible(&["push", "test"]), 0);
-    let first = live_release(&host).expect("current exists after the first push");
+    let first = host.live_release();
     project.write_file("app.py", DYING_APP);
 
     let output = project.crucible(&["push", "test"]);
 
     assert_exit(&output, 7);
     assert_eq!(
-        live_release(&host),
+        host.live_release_if_any(),
         Some(first.clone()),
         "current points back at the first release"
     );
     assert_eq!(
-        served_release(&host),
+        host.wait_for_served_release(SERVE_TIMEOUT),
         first,
         "the first release serves again"
     );
@@ -304,7 +272,7 @@ fn exit_8_when_pruning_fails() {
     let project = Project::new();
     project.add_host("test", &host, "deploy", &["keep = 2"]);
     assert_exit(&project.crucible(&["push", "test"]), 0);
-    let oldest = live_release(&host).expect("current exists after the first push");
+    let oldest = host.live_release();
     // deploy cannot unlink a file inside a root-owned directory, so `rm -rf` of this release
     // fails.
     host.run_checked(&format!(
@@ -318,13 +286,17 @@ fn exit_8_when_pruning_fails() {
     let output = project.crucible(&["push", "test"]);
 
     assert_exit(&output, 8);
-    let live = live_release(&host).expect("current exists");
+    let live = host.live_release();
     assert!(
         stderr(&output).contains(&format!("release {live} is live, but housekeeping failed")),
         "the report says the new release is live: {}",
         stderr(&output)
     );
-    assert_eq!(served_release(&host), live, "the third release serves");
+    assert_eq!(
+        host.wait_for_served_release(SERVE_TIMEOUT),
+        live,
+        "the third release serves"
+    );
     assert!(
         host.exists(&format!("/srv/webapp/releases/{oldest}/root-owned/file")),
         "the root-owned file is still there, so the prune really failed"
@@ -392,7 +364,7 @@ fn exit_130_when_interrupted_before_switch() {
     assert!(saw_venv, "crucible never started the venv step");
     assert_exit(&output, 130);
     assert_eq!(
-        live_release(&host),
+        host.live_release_if_any(),
         None,
         "an interrupted first push creates no current"
     );

@@ -6,7 +6,7 @@ mod support;
 use std::fs;
 use std::process::Output;
 
-use support::{Project, TestHost};
+use support::{Project, assert_exit, assert_success, stderr};
 
 /// Runs `crucible push test` as GitHub Actions would and returns its output and the job summary.
 fn push_in_github_actions(project: &Project) -> (Output, String) {
@@ -24,17 +24,10 @@ fn push_in_github_actions(project: &Project) -> (Output, String) {
     let text = fs::read_to_string(&summary).unwrap_or_else(|error| {
         panic!(
             "crucible wrote no job summary to GITHUB_STEP_SUMMARY ({error}); stderr:\n{}",
-            String::from_utf8_lossy(&output.stderr)
+            stderr(&output)
         )
     });
     (output, text)
-}
-
-fn live_release(host: &TestHost) -> String {
-    host.readlink("/srv/webapp/current")
-        .expect("current exists")
-        .trim_start_matches("releases/")
-        .to_string()
 }
 
 #[test]
@@ -48,23 +41,23 @@ fn github_push_groups_each_step() {
 
     let (output, summary) = push_in_github_actions(&project);
 
-    assert!(output.status.success(), "push failed: {output:?}");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let live = live_release(&host);
+    assert_success(&output);
+    let report = stderr(&output);
+    let live = host.live_release();
     for step in ["scan", "connect", "upload", "venv", "switch", "health"] {
         assert!(
-            stderr.contains(&format!("::group::{step}\n")),
-            "no log group for step {step} in:\n{stderr}"
+            report.contains(&format!("::group::{step}\n")),
+            "no log group for step {step} in:\n{report}"
         );
     }
     assert_eq!(
-        stderr.matches("::group::").count(),
-        stderr.matches("::endgroup::").count(),
-        "every group is closed in:\n{stderr}"
+        report.matches("::group::").count(),
+        report.matches("::endgroup::").count(),
+        "every group is closed in:\n{report}"
     );
     assert!(
-        !stderr.contains("::error"),
-        "a successful push has no error annotation:\n{stderr}"
+        !report.contains("::error"),
+        "a successful push has no error annotation:\n{report}"
     );
     assert!(
         summary.contains(&format!("release `{live}`")),
@@ -91,19 +84,19 @@ fn github_failed_push_annotates_error() {
 
     let (output, summary) = push_in_github_actions(&project);
 
-    assert_eq!(output.status.code(), Some(6), "push output: {output:?}");
+    assert_exit(&output, 6);
     assert!(
         !host.exists("/srv/webapp/current"),
         "a push that failed before the switch creates no current"
     );
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let report = stderr(&output);
     assert!(
-        stderr.contains("::error title=crucible step shared failed::shared file"),
-        "the failed step is an error annotation naming the missing file:\n{stderr}"
+        report.contains("::error title=crucible step shared failed::shared file"),
+        "the failed step is an error annotation naming the missing file:\n{report}"
     );
     assert!(
-        stderr.contains("::error title=crucible push test%3A failed_before_switch::"),
-        "the push's outcome is an error annotation:\n{stderr}"
+        report.contains("::error title=crucible push test%3A failed_before_switch::"),
+        "the push's outcome is an error annotation:\n{report}"
     );
     assert!(
         summary.contains("Outcome: **failed_before_switch**"),

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Output;
 
 use serde_json::Value;
-use support::{Project, TestHost};
+use support::{Project, TestHost, assert_exit, stdout};
 
 /// An app.py whose process exits with status 1 a second after each start, failing the health gate.
 const DYING_APP: &str = "import sys, time\ntime.sleep(1)\nsys.exit(1)\n";
@@ -47,8 +47,7 @@ fn assert_golden(name: &str, actual: &str) {
 
 /// Parses stdout as newline-delimited JSON, one event per line.
 fn parse_events(output: &Output) -> Vec<Value> {
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    stdout
+    stdout(output)
         .lines()
         .map(|line| {
             serde_json::from_str(line)
@@ -172,16 +171,6 @@ fn normalised_events(output: &Output, host: &TestHost) -> String {
     serde_json::to_string_pretty(&events).expect("events serialize") + "\n"
 }
 
-fn assert_exit(output: &Output, code: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "crucible exited with {}; stderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// Makes a test run independent of the environment it runs in, such as a GitHub runner.
 const PLAIN_ENVIRONMENT: &[(&str, &str)] = &[("GITHUB_ACTIONS", ""), ("NO_COLOR", "")];
 
@@ -250,9 +239,9 @@ fn check_reports_missing_sudo_rule() {
     let output = project.crucible_with_env(&["check", "test"], PLAIN_ENVIRONMENT);
 
     assert_exit(&output, 1);
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let checks = stdout(&output);
     let address = host.address().to_string();
-    let normalised = stdout
+    let normalised = checks
         .replace(&address, "<ADDRESS>")
         .lines()
         .map(|line| {

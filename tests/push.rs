@@ -4,21 +4,13 @@ mod support;
 
 use std::fs;
 
-use support::{Project, TestHost, assert_exit, assert_success, stderr};
+use support::{Project, TestHost, assert_exit, assert_success, stderr, step_line};
 
 /// A requirement that no wheel in wheels/ provides, so pip fails with `--no-index`.
 const BROKEN_REQUIREMENT: &str = "not-a-shipped-package==1.0\n";
 
 fn venv_count(host: &TestHost) -> usize {
     host.list_directory("/srv/webapp/venvs").len()
-}
-
-/// Returns the first line of crucible's stderr that reports `step`, such as `ok venv exit 0 ...`.
-fn step_line(output: &std::process::Output, step: &str) -> Option<String> {
-    stderr(output)
-        .lines()
-        .find(|line| line.split_whitespace().nth(1) == Some(step))
-        .map(str::to_string)
 }
 
 #[test]

@@ -4,11 +4,7 @@
 
 mod support;
 
-use std::process::Output;
-
-use support::{Project, TestHost, assert_exit, assert_success, stderr};
-
-const LOG: &str = "/srv/webapp/.crucible/releases.jsonl";
+use support::{Project, RELEASE_LOG, TestHost, assert_exit, assert_success, stderr, step_line};
 
 /// Changes the app's VERSION file so the push makes a new release, pushes it and returns its id.
 fn push_version(project: &Project, host: &TestHost, version: u32) -> String {
@@ -30,12 +26,43 @@ fn assert_live(host: &TestHost, release: &str) {
     assert_eq!(host.served_release(), release, "the service runs {release}");
 }
 
-/// Returns the release log's events, skipping lines that are not JSON.
-fn log_events(host: &TestHost) -> Vec<serde_json::Value> {
-    host.run_checked(&format!("cat {LOG}"))
+/// Returns the release log's events, skipping lines that are not JSON. Unlike
+/// `TestHost::log_events`, it tolerates the truncated line that a crash in the middle of an
+/// append leaves, which is the case one test here sets up.
+fn readable_log_events(host: &TestHost) -> Vec<serde_json::Value> {
+    host.run_checked(&format!("cat {RELEASE_LOG}"))
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())
         .collect()
+}
+
+/// The service's main process and the release log's text, which a rejected rollback must
+/// leave as they are.
+struct ServiceAndLog {
+    main_pid: String,
+    log: String,
+}
+
+impl ServiceAndLog {
+    fn record(host: &TestHost) -> ServiceAndLog {
+        ServiceAndLog {
+            main_pid: host.systemctl_show("webapp.service", "MainPID"),
+            log: host.run_checked(&format!("cat {RELEASE_LOG}")),
+        }
+    }
+
+    fn assert_unchanged(&self, host: &TestHost) {
+        assert_eq!(
+            host.systemctl_show("webapp.service", "MainPID"),
+            self.main_pid,
+            "the service was not restarted"
+        );
+        assert_eq!(
+            host.run_checked(&format!("cat {RELEASE_LOG}")),
+            self.log,
+            "the release log is unchanged"
+        );
+    }
 }
 
 /// Runs `crucible releases test --json` and returns its rows.
@@ -62,13 +89,6 @@ fn rows_with(rows: &[serde_json::Value], field: &str) -> Vec<String> {
         .filter(|row| row[field].as_bool() == Some(true))
         .map(|row| row["id"].as_str().unwrap().to_string())
         .collect()
-}
-
-fn step_line(output: &Output, step: &str) -> Option<String> {
-    stderr(output)
-        .lines()
-        .find(|line| line.split_whitespace().nth(1) == Some(step))
-        .map(str::to_string)
 }
 
 #[test]
@@ -126,8 +146,7 @@ fn rollback_to_unknown_id_changes_nothing() {
     project.add_host("test", &host, "root", &[]);
     let first = push_version(&project, &host, 1);
     let second = push_version(&project, &host, 2);
-    let main_pid = host.systemctl_show("webapp.service", "MainPID");
-    let log_before = host.run_checked(&format!("cat {LOG}"));
+    let before = ServiceAndLog::record(&host);
 
     let output = project.crucible(&["rollback", "test", "--to", "20200101T000000Z-deadbeef"]);
 
@@ -142,16 +161,7 @@ fn rollback_to_unknown_id_changes_nothing() {
         "the message lists the available ids, newest first:\n{report}"
     );
     assert_live(&host, &second);
-    assert_eq!(
-        host.systemctl_show("webapp.service", "MainPID"),
-        main_pid,
-        "the service was not restarted"
-    );
-    assert_eq!(
-        host.run_checked(&format!("cat {LOG}")),
-        log_before,
-        "the release log is unchanged"
-    );
+    before.assert_unchanged(&host);
 }
 
 #[test]
@@ -172,17 +182,11 @@ fn repeated_rollback_steps_further_back() {
     assert_success(&project.crucible(&["rollback", "test"]));
     assert_live(&host, &first);
 
-    let main_pid = host.systemctl_show("webapp.service", "MainPID");
-    let log_before = host.run_checked(&format!("cat {LOG}"));
+    let before = ServiceAndLog::record(&host);
     let output = project.crucible(&["rollback", "test"]);
     assert!(
         !output.status.success(),
         "a third rollback has nothing earlier to go to"
-    );
-    assert_eq!(
-        host.run_checked(&format!("cat {LOG}")),
-        log_before,
-        "the release log is unchanged"
     );
     let report = stderr(&output);
     assert!(
@@ -190,11 +194,7 @@ fn repeated_rollback_steps_further_back() {
         "the message says there is no earlier release:\n{report}"
     );
     assert_live(&host, &first);
-    assert_eq!(
-        host.systemctl_show("webapp.service", "MainPID"),
-        main_pid,
-        "the service was not restarted"
-    );
+    before.assert_unchanged(&host);
 }
 
 #[test]
@@ -295,7 +295,7 @@ fn failed_push_is_never_rollback_target() {
     );
     project.write_file("VERSION", "2\n");
     assert_exit(&project.crucible(&["push", "test"]), 6);
-    let events = log_events(&host);
+    let events = host.log_events();
     let failed = events
         .last()
         .expect("the failed push is in the release log");
@@ -448,7 +448,7 @@ fn truncated_log_line_is_tolerated() {
     let second = push_version(&project, &host, 2);
     // Half an event and no newline, as a crash in the middle of an append leaves it.
     host.run_checked(&format!(
-        "printf '%s' '{{\"action\":\"push\",\"release\":\"2030' >> {LOG}"
+        "printf '%s' '{{\"action\":\"push\",\"release\":\"2030' >> {RELEASE_LOG}"
     ));
 
     let rows = release_rows(&project);
@@ -460,7 +460,7 @@ fn truncated_log_line_is_tolerated() {
 
     assert_success(&project.crucible(&["rollback", "test"]));
     assert_live(&host, &first);
-    let events = log_events(&host);
+    let events = readable_log_events(&host);
     let last = events.last().expect("the log has events");
     assert_eq!(
         (last["action"].as_str(), last["release"].as_str()),
@@ -470,7 +470,7 @@ fn truncated_log_line_is_tolerated() {
 
     let third = push_version(&project, &host, 3);
     assert_live(&host, &third);
-    let last = log_events(&host).pop().unwrap();
+    let last = readable_log_events(&host).pop().unwrap();
     assert_eq!(last["release"].as_str(), Some(third.as_str()));
     assert_eq!(last["outcome"], "deployed");
 }

@@ -4,15 +4,14 @@
 
 mod support;
 
-use std::process::Output;
 use std::time::Duration;
 
-use support::{APP_PORT, Project, RunningCrucible, TcpProxy, TestHost, wait_until};
+use support::{
+    APP_PORT, Project, QUICK_HEALTH, RunningCrucible, TcpProxy, TestHost, assert_exit,
+    assert_serves, assert_success, json_summary, stderr, wait_until,
+};
 
 const LOCK_FILE: &str = "/srv/webapp/.crucible/lock";
-
-/// A settle window shorter than the 3 s default, for tests that do not probe the settle window.
-const QUICK_HEALTH: &str = r#"health = { settle = "1s" }"#;
 
 /// Size of a random file added to the app so the upload lasts long enough to interrupt. The
 /// tests wait for the upload's .partial directory rather than for a fixed time.
@@ -24,71 +23,6 @@ const LOCK_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bound for a push that is expected to finish, venv build included.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(180);
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn assert_success(output: &Output) {
-    assert!(
-        output.status.success(),
-        "crucible failed with {}:\n{}",
-        output.status,
-        stderr(output)
-    );
-}
-
-fn assert_exit_code(output: &Output, code: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "expected exit status {code}; stderr:\n{}",
-        stderr(output)
-    );
-}
-
-/// Returns the release id that `current` points at.
-fn live_release(host: &TestHost) -> String {
-    let target = host
-        .readlink("/srv/webapp/current")
-        .expect("/srv/webapp/current is a symbolic link");
-    target.trim_start_matches("releases/").to_string()
-}
-
-/// Returns the release id the running app reports on /health, or why there is none.
-fn served_release(host: &TestHost) -> Result<String, String> {
-    let (status, body) = host
-        .http_get(APP_PORT, "/health")
-        .map_err(|error| format!("no answer on /health: {error}"))?;
-    if status != 200 {
-        return Err(format!("/health returned {status}: {body}"));
-    }
-    let value: serde_json::Value =
-        serde_json::from_str(&body).map_err(|error| format!("/health body {body:?}: {error}"))?;
-    value["release"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| format!("/health body {body:?} has no release"))
-}
-
-/// Waits until the app serves `release`, which takes a moment after a restart.
-fn assert_serves(host: &TestHost, release: &str) {
-    let mut last = String::new();
-    let serves = wait_until(Duration::from_secs(15), || match served_release(host) {
-        Ok(served) => {
-            last = served;
-            last == release
-        }
-        Err(error) => {
-            last = error;
-            false
-        }
-    });
-    assert!(
-        serves,
-        "the app should serve {release}; last answer: {last}"
-    );
-}
 
 fn is_lock_free(host: &TestHost) -> bool {
     host.run_as_root(&format!("flock -n {LOCK_FILE} true"))
@@ -119,27 +53,10 @@ fn is_complete_release(host: &TestHost, release: &str) -> bool {
     ))
 }
 
-/// Returns the events of the release log, oldest first.
-fn log_events(host: &TestHost) -> Vec<serde_json::Value> {
-    host.run_checked("cat /srv/webapp/.crucible/releases.jsonl")
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("release log lines are JSON"))
-        .collect()
-}
-
 fn has_log_event(host: &TestHost, release: &str, outcome: &str) -> bool {
-    log_events(host)
+    host.log_events()
         .iter()
         .any(|event| event["release"] == release && event["outcome"] == outcome)
-}
-
-/// Returns the summary object that `--json` prints last on stdout.
-fn json_summary(output: &Output) -> serde_json::Value {
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|event| event["event"] == "summary")
-        .unwrap_or_else(|| panic!("no summary event on stdout; stderr:\n{}", stderr(output)))
 }
 
 /// Polls the host every 100 ms until `script` exits 0 there, or panics after `timeout`.
@@ -171,13 +88,31 @@ fn wait_for_upload(host: &TestHost, running: &mut RunningCrucible) {
 /// service runs, and the lock free. Returns the live release.
 fn assert_host_recovers(host: &TestHost) -> String {
     assert_lock_freed(host);
-    let live = live_release(host);
+    let live = host.live_release();
     assert!(
         is_complete_release(host, &live),
         "current points at {live}, which is not a complete release"
     );
     assert_serves(host, &live);
     live
+}
+
+/// Pushes again after an interrupted push and asserts that the new release goes live in place
+/// of `previous` and that no .partial upload is left. Returns the new release.
+fn push_after_interruption(project: &Project, host: &TestHost, previous: &str) -> String {
+    assert_success(&project.crucible(&["push", "test"]));
+    let release = host.live_release();
+    assert_ne!(
+        release, previous,
+        "the push after the interruption made a new release"
+    );
+    assert_serves(host, &release);
+    assert!(
+        partial_releases(host).is_empty(),
+        "the push after the interruption removed the leftover uploads: {:?}",
+        partial_releases(host)
+    );
+    release
 }
 
 #[test]
@@ -207,7 +142,7 @@ fn second_push_waits_for_lock() {
     );
 
     let refused = fast.crucible(&["push", "test"]);
-    assert_exit_code(&refused, 5);
+    assert_exit(&refused, 5);
     let message = stderr(&refused);
     assert!(
         message.contains(&format!("(pid {})", first.pid())),
@@ -225,7 +160,7 @@ fn second_push_waits_for_lock() {
     );
 
     let timed_out = fast.crucible(&["push", "test", "--lock-wait", "2s"]);
-    assert_exit_code(&timed_out, 5);
+    assert_exit(&timed_out, 5);
     assert!(
         stderr(&timed_out).contains("waiting for the lock"),
         "--lock-wait prints a countdown:\n{}",
@@ -237,7 +172,7 @@ fn second_push_waits_for_lock() {
     let first = first.wait(PUSH_TIMEOUT);
     assert_success(&first);
 
-    let events = log_events(&host);
+    let events = host.log_events();
     let deployed: Vec<&str> = events
         .iter()
         .filter(|event| event["outcome"] == "deployed")
@@ -248,7 +183,7 @@ fn second_push_waits_for_lock() {
         2,
         "both pushes are in the log: {deployed:?}"
     );
-    let live = live_release(&host);
+    let live = host.live_release();
     assert_eq!(live, deployed[1], "the push that waited is live");
     assert_serves(&host, &live);
     assert!(is_lock_free(&host), "no lock is left after both pushes");
@@ -265,14 +200,14 @@ fn crashing_unit_is_rolled_back() {
     // settle window must be longer than 2 s: the 3 s default.
     project.add_host("test", &host, "root", &[]);
     assert_success(&project.crucible(&["push", "test"]));
-    let good = live_release(&host);
+    let good = host.live_release();
 
     project.write_file(
         "app.py",
         "import sys\nimport time\n\ntime.sleep(1)\nsys.exit(1)\n",
     );
     let output = project.crucible(&["--json", "push", "test"]);
-    assert_exit_code(&output, 7);
+    assert_exit(&output, 7);
 
     let summary = json_summary(&output);
     let bad = summary["release"]
@@ -280,7 +215,7 @@ fn crashing_unit_is_rolled_back() {
         .expect("the summary names the release");
     assert_ne!(bad, good);
     assert_eq!(summary["outcome"], "rolled_back");
-    assert_eq!(live_release(&host), good, "current is back on {good}");
+    assert_eq!(host.live_release(), good, "current is back on {good}");
     assert_serves(&host, &good);
     assert_eq!(
         host.systemctl_show("webapp.service", "ActiveState"),
@@ -289,7 +224,7 @@ fn crashing_unit_is_rolled_back() {
     assert!(
         has_log_event(&host, bad, "rolled_back"),
         "the log records {bad} as rolled_back: {:?}",
-        log_events(&host)
+        host.log_events()
     );
     let health = summary["steps"]
         .as_array()
@@ -318,7 +253,7 @@ fn failing_http_probe_is_rolled_back() {
     );
     project.add_host("test", &host, "root", &[&health]);
     assert_success(&project.crucible(&["push", "test"]));
-    let good = live_release(&host);
+    let good = host.live_release();
 
     let app = std::fs::read_to_string(project.app_path().join("app.py")).unwrap();
     let failing = app.replace(
@@ -332,7 +267,7 @@ fn failing_http_probe_is_rolled_back() {
     project.write_file("app.py", &failing);
 
     let output = project.crucible(&["push", "test"]);
-    assert_exit_code(&output, 7);
+    assert_exit(&output, 7);
     let report = stderr(&output);
     assert!(
         report.contains("rolled back"),
@@ -342,13 +277,13 @@ fn failing_http_probe_is_rolled_back() {
         report.contains("500"),
         "the report shows the probe's 500:\n{report}"
     );
-    assert_eq!(live_release(&host), good);
+    assert_eq!(host.live_release(), good);
     assert_serves(&host, &good);
 
     // Without a rollback the failing release stays live, and that is a different exit code.
     let output = project.crucible(&["push", "test", "--no-rollback"]);
-    assert_exit_code(&output, 9);
-    let broken = live_release(&host);
+    assert_exit(&output, 9);
+    let broken = host.live_release();
     assert_ne!(
         broken, good,
         "--no-rollback leaves the failing release live"
@@ -356,7 +291,7 @@ fn failing_http_probe_is_rolled_back() {
     assert!(
         has_log_event(&host, &broken, "broken"),
         "the log records {broken} as broken: {:?}",
-        log_events(&host)
+        host.log_events()
     );
 }
 
@@ -369,7 +304,7 @@ fn killed_client_leaves_host_recoverable() {
     let project = Project::new();
     project.add_host("test", &host, "root", &[QUICK_HEALTH]);
     assert_success(&project.crucible(&["push", "test"]));
-    let first = live_release(&host);
+    let first = host.live_release();
 
     // Killed during the upload.
     project.write_random_file("upload-1.bin", BIG_FILE_SIZE);
@@ -408,16 +343,7 @@ fn killed_client_leaves_host_recoverable() {
         "the venv step is before the switch"
     );
 
-    let output = project.crucible(&["push", "test"]);
-    assert_success(&output);
-    let second = live_release(&host);
-    assert_ne!(second, first);
-    assert_serves(&host, &second);
-    assert!(
-        partial_releases(&host).is_empty(),
-        "the push after the kills removed the leftovers: {:?}",
-        partial_releases(&host)
-    );
+    let second = push_after_interruption(&project, &host, &first);
 
     // Killed as soon as the switch step is reported, before the restart and health gate can
     // finish. The service may still run the previous release then, so the push that follows
@@ -431,7 +357,7 @@ fn killed_client_leaves_host_recoverable() {
     );
     running.kill();
     assert_lock_freed(&host);
-    let third = live_release(&host);
+    let third = host.live_release();
     assert_ne!(third, second, "the kill came after the switch");
     assert!(
         is_complete_release(&host, &third),
@@ -440,12 +366,12 @@ fn killed_client_leaves_host_recoverable() {
 
     let output = project.crucible(&["push", "test"]);
     assert_success(&output);
-    assert_eq!(live_release(&host), third);
+    assert_eq!(host.live_release(), third);
     assert_serves(&host, &third);
     assert!(
         has_log_event(&host, &third, "deployed"),
         "the push after the kill ran the health gate and logged {third}: {:?}",
-        log_events(&host)
+        host.log_events()
     );
     assert!(is_lock_free(&host), "no lock is left after the last push");
 }
@@ -460,7 +386,7 @@ fn cut_connection_leaves_host_recoverable() {
     let project = Project::new();
     project.add_host_at("test", &host, proxy.address(), "root", &[QUICK_HEALTH]);
     assert_success(&project.crucible(&["push", "test"]));
-    let first = live_release(&host);
+    let first = host.live_release();
 
     project.write_random_file("upload-1.bin", BIG_FILE_SIZE);
     let mut running = project.spawn_crucible(&["push", "test"]);
@@ -480,16 +406,7 @@ fn cut_connection_leaves_host_recoverable() {
 
     project.remove_file("upload-1.bin");
     project.write_file("VERSION", "after the cut\n");
-    let output = project.crucible(&["push", "test"]);
-    assert_success(&output);
-    let second = live_release(&host);
-    assert_ne!(second, first);
-    assert_serves(&host, &second);
-    assert!(
-        partial_releases(&host).is_empty(),
-        "the next push removed the cut upload: {:?}",
-        partial_releases(&host)
-    );
+    push_after_interruption(&project, &host, &first);
     assert!(is_lock_free(&host), "no lock is left after the last push");
 }
 
@@ -502,10 +419,10 @@ fn current_never_missing_during_switches() {
     let project = Project::new();
     project.add_host("test", &host, "root", &[r#"health = { settle = "0s" }"#]);
     assert_success(&project.crucible(&["push", "test"]));
-    let first = live_release(&host);
+    let first = host.live_release();
     project.write_file("VERSION", "2\n");
     assert_success(&project.crucible(&["push", "test"]));
-    let second = live_release(&host);
+    let second = host.live_release();
 
     // Python reads the link in a tight loop (an estimated million times a second), so even a short
     // gap between unlink and symlink would be seen. The loop ends on a stop file, a deadline
@@ -563,7 +480,7 @@ nohup python3 /tmp/reader.py >/dev/null 2>&1 &"#,
         "the reader ran only {reads} reads, too few to cover the switches"
     );
     assert_eq!(
-        live_release(&host),
+        host.live_release(),
         second,
         "the last rollback went to {second}"
     );
@@ -579,7 +496,7 @@ fn same_artifact_uploads_nothing() {
     let project = Project::new();
     project.add_host("test", &host, "root", &[QUICK_HEALTH]);
     assert_success(&project.crucible(&["push", "test"]));
-    let first = live_release(&host);
+    let first = host.live_release();
     let main_pid = host.systemctl_show("webapp.service", "MainPID");
 
     let output = project.crucible(&["--json", "push", "test"]);
@@ -603,7 +520,7 @@ fn same_artifact_uploads_nothing() {
 
     project.write_file("VERSION", "2\n");
     assert_success(&project.crucible(&["push", "test"]));
-    let second = live_release(&host);
+    let second = host.live_release();
     assert_ne!(second, first);
 
     // The first tree again: its release is on the host but not live.
@@ -627,7 +544,7 @@ fn same_artifact_uploads_nothing() {
             .contains("skipped"),
         "the upload step says it was skipped: {upload}"
     );
-    assert_eq!(live_release(&host), first);
+    assert_eq!(host.live_release(), first);
     assert_serves(&host, &first);
 }
 
@@ -640,7 +557,7 @@ fn terminated_upload_changes_nothing() {
     let project = Project::new();
     project.add_host("test", &host, "root", &[QUICK_HEALTH]);
     assert_success(&project.crucible(&["push", "test"]));
-    let live = live_release(&host);
+    let live = host.live_release();
     let main_pid = host.systemctl_show("webapp.service", "MainPID");
 
     project.write_random_file("upload-1.bin", BIG_FILE_SIZE);
@@ -648,9 +565,9 @@ fn terminated_upload_changes_nothing() {
     wait_for_upload(&host, &mut running);
     running.signal("TERM");
     let output = running.wait(Duration::from_secs(30));
-    assert_exit_code(&output, 130);
+    assert_exit(&output, 130);
 
-    assert_eq!(live_release(&host), live, "current is untouched");
+    assert_eq!(host.live_release(), live, "current is untouched");
     assert_eq!(
         host.systemctl_show("webapp.service", "MainPID"),
         main_pid,

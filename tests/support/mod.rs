@@ -56,6 +56,15 @@ const RESERVATION_PORT: u16 = 9;
 const SSH_PORT: u16 = 22;
 pub const APP_PORT: u16 = 8000;
 
+/// Path of the release log on a test host, under the deploy path that `Project::add_host` writes.
+pub const RELEASE_LOG: &str = "/srv/webapp/.crucible/releases.jsonl";
+
+/// A settle window shorter than the 3 s default, for tests that do not probe the settle window.
+pub const QUICK_HEALTH: &str = r#"health = { settle = "1s" }"#;
+
+/// How long `assert_serves` waits for the app to serve a release after a restart.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(15);
+
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -327,26 +336,71 @@ impl TestHost {
         })
     }
 
-    /// Returns the id of the release that `/srv/webapp/current` points at.
+    /// Returns the id of the release that `/srv/webapp/current` points at, and panics if there
+    /// is no `current` link.
     pub fn live_release(&self) -> String {
-        let target = self
-            .readlink("/srv/webapp/current")
-            .expect("/srv/webapp/current is a symbolic link");
-        target.trim_start_matches("releases/").to_string()
+        self.live_release_if_any()
+            .expect("/srv/webapp/current is a symbolic link")
     }
 
-    /// Returns the release id that the running app reports on `GET /health`.
+    /// Returns the id of the release that `/srv/webapp/current` points at, or `None` when no
+    /// push has created `current` yet, for tests that check a failed push left none behind.
+    pub fn live_release_if_any(&self) -> Option<String> {
+        self.readlink("/srv/webapp/current")
+            .map(|target| target.trim_start_matches("releases/").to_string())
+    }
+
+    /// Returns the release id that the running app reports on `GET /health`, and panics unless
+    /// the app responds 200 with a release now.
     pub fn served_release(&self) -> String {
+        self.try_served_release()
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Returns the release id that the running app reports on `GET /health`, or why there is
+    /// none, so that a test can poll an app that is still starting.
+    pub fn try_served_release(&self) -> Result<String, String> {
         let (status, body) = self
             .http_get(APP_PORT, "/health")
-            .expect("the app answers /health");
-        assert_eq!(status, 200, "/health returned {status}: {body}");
+            .map_err(|error| format!("no response on /health: {error}"))?;
+        if status != 200 {
+            return Err(format!("/health returned {status}: {body}"));
+        }
         let value: serde_json::Value = serde_json::from_str(&body)
-            .unwrap_or_else(|error| panic!("/health body {body:?}: {error}"));
+            .map_err(|error| format!("/health body {body:?}: {error}"))?;
         value["release"]
             .as_str()
-            .unwrap_or_else(|| panic!("/health body {body:?} has no release"))
-            .to_string()
+            .map(str::to_string)
+            .ok_or_else(|| format!("/health body {body:?} has no release"))
+    }
+
+    /// Waits until the app responds to `GET /health`, which takes a moment after a restart, and
+    /// returns the release id of that first response. Unlike [`assert_serves`], it does not wait
+    /// for a particular release, so the caller compares the first release the app serves.
+    pub fn wait_for_served_release(&self, timeout: Duration) -> String {
+        let mut served = Err(String::from("no request sent yet"));
+        let answered = wait_until(timeout, || {
+            served = self.try_served_release();
+            served.is_ok()
+        });
+        assert!(
+            answered,
+            "the app did not respond to /health within {timeout:?}: {}",
+            served.unwrap_err()
+        );
+        served.expect("the app responded to /health")
+    }
+
+    /// Returns the events of the release log, oldest first, and panics on a line that is not
+    /// JSON.
+    pub fn log_events(&self) -> Vec<serde_json::Value> {
+        self.run_checked(&format!("cat {RELEASE_LOG}"))
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|error| panic!("release log line {line:?}: {error}"))
+            })
+            .collect()
     }
 
     /// Returns the names in `directory` (hidden ones included), sorted, or none if it is missing.
@@ -544,6 +598,11 @@ fn run_checked(command: &mut Command) -> Output {
     output
 }
 
+/// Returns what crucible wrote to stdout: command output, or the events of `--json`.
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Returns the report and error text that crucible wrote to stderr.
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -564,8 +623,46 @@ pub fn assert_exit(output: &Output, code: i32) {
     assert_eq!(
         output.status.code(),
         Some(code),
-        "expected exit status {code}; stderr:\n{}",
+        "crucible exited with {}, expected exit status {code}; stderr:\n{}",
+        output.status,
         stderr(output)
+    );
+}
+
+/// Returns the first line of crucible's stderr that reports `step`, such as `ok venv exit 0 ...`.
+pub fn step_line(output: &Output, step: &str) -> Option<String> {
+    stderr(output)
+        .lines()
+        .find(|line| line.split_whitespace().nth(1) == Some(step))
+        .map(str::to_string)
+}
+
+/// Returns the summary event that `--json` prints last on stdout.
+pub fn json_summary(output: &Output) -> serde_json::Value {
+    stdout(output)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["event"] == "summary")
+        .unwrap_or_else(|| panic!("no summary event on stdout; stderr:\n{}", stderr(output)))
+}
+
+/// Waits until the app on `host` serves `release`, which takes a moment after a restart, and
+/// panics with the last response if it does not within 15 s.
+pub fn assert_serves(host: &TestHost, release: &str) {
+    let mut last = String::new();
+    let serves = wait_until(SERVE_TIMEOUT, || match host.try_served_release() {
+        Ok(served) => {
+            last = served;
+            last == release
+        }
+        Err(error) => {
+            last = error;
+            false
+        }
+    });
+    assert!(
+        serves,
+        "the app should serve {release}; last response: {last}"
     );
 }
 
