@@ -145,29 +145,11 @@ pub async fn activate(
     };
 
     ctx.reporter.note(&format!("rolling back to {previous}"));
-    if let Some(unit_file) = ctx.plan.config.unit_file.clone() {
-        let command = remote::install_unit(
-            &ctx.layout().release(previous),
-            &unit_file.to_string_lossy(),
-            &ctx.plan.config.unit,
-            is_root,
-        );
-        if let Err(error) = ctx
-            .remote_step(
-                session,
-                "unit",
-                &command,
-                ctx.plan.step_deadline(),
-                unit_detail,
-            )
-            .await
-        {
-            return Ok(Activation::Broken {
-                reason: format!(
-                    "{reason}; reinstalling the unit file of {previous} failed: {error}"
-                ),
-            });
-        }
+    let previous_dir = ctx.layout().release(previous);
+    if let Err(error) = install_unit_file(ctx, session, &previous_dir, is_root).await {
+        return Ok(Activation::Broken {
+            reason: format!("{reason}; reinstalling the unit file of {previous} failed: {error}"),
+        });
     }
     if let Err(error) = switch(ctx, session, previous, false).await {
         return Ok(Activation::Broken {
@@ -185,10 +167,31 @@ pub async fn activate(
     }
 }
 
-pub fn unit_detail(output: &crate::ssh::CommandOutput) -> String {
-    if output.stdout_text().contains("unit=installed") {
-        "installed, daemon-reload".to_string()
-    } else {
-        "unchanged".to_string()
-    }
+/// Installs the unit file of the release in `release_dir` when hosts.toml sets `unit_file`, as
+/// the `unit` step; does nothing otherwise.
+pub async fn install_unit_file(
+    ctx: &mut Context<'_>,
+    session: &Session,
+    release_dir: &str,
+    is_root: bool,
+) -> Result<(), Error> {
+    let Some(unit_file) = ctx.plan.config.unit_file.clone() else {
+        return Ok(());
+    };
+    let command = remote::install_unit(
+        release_dir,
+        &unit_file.to_string_lossy(),
+        &ctx.plan.config.unit,
+        is_root,
+    );
+    let deadline = ctx.plan.step_deadline();
+    ctx.remote_step(session, "unit", &command, deadline, |output| {
+        if output.stdout_text().contains("unit=installed") {
+            "installed, daemon-reload".to_string()
+        } else {
+            "unchanged".to_string()
+        }
+    })
+    .await
+    .map(|_| ())
 }

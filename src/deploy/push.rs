@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use super::activate::{self, Activation, unit_detail};
+use super::activate::{self, Activation};
 use super::{Context, DeployOptions, HostFacts};
 use crate::archive::{ArchiveError, Manifest};
 use crate::error::Error;
@@ -463,23 +463,7 @@ async fn prepare_release(
         }
     }
 
-    if let Some(unit_file) = &ctx.plan.config.unit_file {
-        let command = remote::install_unit(
-            &release_dir,
-            &unit_file.to_string_lossy(),
-            &ctx.plan.config.unit,
-            facts.is_root,
-        );
-        ctx.remote_step(
-            session,
-            "unit",
-            &command,
-            ctx.plan.step_deadline(),
-            unit_detail,
-        )
-        .await?;
-    }
-    Ok(())
+    activate::install_unit_file(ctx, session, &release_dir, facts.is_root).await
 }
 
 /// Streams the archive into `tar -x` on the host while it is being built: the tree is read,

@@ -1,10 +1,9 @@
 //! `crucible rollback`: switch back to an earlier release, restart, and check it as a push does.
 
-use super::activate::{self, unit_detail};
+use super::activate;
 use super::push::finish_activation;
 use super::{Context, DeployOptions};
 use crate::error::Error;
-use crate::remote;
 use crate::ssh::Session;
 
 /// Runs a whole rollback to `to`, or to the default target when `to` is `None`.
@@ -80,22 +79,8 @@ async fn rollback_locked(
         return Ok(());
     }
 
-    if let Some(unit_file) = ctx.plan.config.unit_file.clone() {
-        let command = remote::install_unit(
-            &ctx.layout().release(&target),
-            &unit_file.to_string_lossy(),
-            &ctx.plan.config.unit,
-            facts.is_root,
-        );
-        ctx.remote_step(
-            session,
-            "unit",
-            &command,
-            ctx.plan.step_deadline(),
-            unit_detail,
-        )
-        .await?;
-    }
+    let target_dir = ctx.layout().release(&target);
+    activate::install_unit_file(ctx, session, &target_dir, facts.is_root).await?;
     let activation = activate::activate(
         ctx,
         session,
