@@ -9,6 +9,25 @@ use crate::remote::{self, health};
 use crate::report::StepRecord;
 use crate::ssh::Session;
 
+/// Pruning that runs while the health gate waits, because it removes nothing the new release or
+/// a rollback to the previous one needs.
+pub struct Housekeeping {
+    pub command: String,
+    pub detail: String,
+}
+
+/// What to make live, and what to do if it fails.
+pub struct Request<'a> {
+    pub release: &'a str,
+    /// The release to go back to when `release` fails its health gate.
+    pub previous: Option<&'a str>,
+    /// `release` is still named `<id>.partial` and is renamed in the switch step.
+    pub from_partial: bool,
+    pub is_root: bool,
+    pub no_rollback: bool,
+    pub housekeeping: Option<Housekeeping>,
+}
+
 /// How an activation ended.
 #[derive(Debug)]
 pub enum Activation {
@@ -117,18 +136,39 @@ pub async fn restart_and_check(
 pub async fn activate(
     ctx: &mut Context<'_>,
     session: &Session,
-    release: &str,
-    previous: Option<&str>,
-    from_partial: bool,
-    is_root: bool,
-    no_rollback: bool,
+    request: Request<'_>,
 ) -> Result<Activation, Error> {
+    let Request {
+        release,
+        previous,
+        from_partial,
+        is_root,
+        no_rollback,
+        housekeeping,
+    } = request;
     switch(ctx, session, release, from_partial).await?;
+
+    let deadline = ctx.plan.step_deadline();
+    let background = async {
+        let housekeeping = housekeeping?;
+        let started = Instant::now();
+        let result = session.run(&housekeeping.command, None, deadline).await;
+        Some((housekeeping.detail, started, result))
+    };
+    let (checked, pruned) = tokio::join!(
+        restart_and_check(ctx, session, release, is_root),
+        background
+    );
+    if let Some((detail, started, result)) = pruned
+        && let Err(error) = ctx.finish_remote_step("prune", started, result, |_| detail.clone())
+    {
+        ctx.housekeeping_failure = Some(error.to_string());
+    }
 
     // From here on `current` names the new release, so an error such as a restart that runs past
     // its deadline counts as a failed gate: returning it would report the push as failed before
     // the switch and leave the release live without a rollback.
-    let reason = match restart_and_check(ctx, session, release, is_root).await {
+    let reason = match checked {
         Ok(Ok(())) => return Ok(Activation::Healthy),
         Ok(Err(reason)) => reason,
         Err(error) => error.to_string(),

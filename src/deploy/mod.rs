@@ -80,7 +80,7 @@ impl Interrupt {
 }
 
 /// Facts that `prepare` read from the host.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct HostFacts {
     pub is_root: bool,
     pub python_version: String,
@@ -159,6 +159,8 @@ pub struct Context<'a> {
     pub started: Instant,
     pub started_at: OffsetDateTime,
     pub interrupt: Interrupt,
+    /// Why housekeeping that ran during the health gate failed, if it did.
+    pub housekeeping_failure: Option<String>,
 }
 
 impl<'a> Context<'a> {
@@ -179,6 +181,7 @@ impl<'a> Context<'a> {
             started: Instant::now(),
             started_at: OffsetDateTime::now_utc(),
             interrupt,
+            housekeeping_failure: None,
         }
     }
 
@@ -430,22 +433,7 @@ impl<'a> Context<'a> {
         live: &str,
         history: &History,
     ) -> Result<(), Error> {
-        let mut on_host = facts.releases.clone();
-        on_host.insert(live.to_string());
-        // `prepare` listed the venv links before this push linked the live release's venv, so a
-        // reused venv whose other users are pruned now would otherwise be pruned with them.
-        let mut venv_links = facts.venv_links.clone();
-        if let Some(key) = &self.summary.venv_key {
-            venv_links.insert(live.to_string(), self.layout().venv(key));
-        }
-        let (releases, venvs) = crate::releases::plan_prune(
-            history,
-            live,
-            self.plan.config.keep,
-            &on_host,
-            &venv_links,
-            &facts.venvs,
-        );
+        let (releases, venvs) = self.prune_plan(facts, live, history);
         if releases.is_empty() && venvs.is_empty() {
             return Ok(());
         }
@@ -468,6 +456,31 @@ impl<'a> Context<'a> {
             release: live.to_string(),
             message: error.to_string(),
         })
+    }
+
+    /// Decides which releases and venvs retention removes once `live` is live.
+    pub fn prune_plan(
+        &self,
+        facts: &HostFacts,
+        live: &str,
+        history: &History,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut on_host = facts.releases.clone();
+        on_host.insert(live.to_string());
+        // `prepare` listed the venv links before this push linked the live release's venv, so a
+        // reused venv whose other users are pruned now would otherwise be pruned with them.
+        let mut venv_links = facts.venv_links.clone();
+        if let Some(key) = &self.summary.venv_key {
+            venv_links.insert(live.to_string(), self.layout().venv(key));
+        }
+        crate::releases::plan_prune(
+            history,
+            live,
+            self.plan.config.keep,
+            &on_host,
+            &venv_links,
+            &facts.venvs,
+        )
     }
 }
 

@@ -267,21 +267,80 @@ async fn push_locked(
         _ => facts.history.rollback_target(Some(&id), &facts.releases),
     };
     ctx.summary.previous_release = previous.clone();
-    let activation = activate::activate(
-        ctx,
-        session,
-        &id,
-        previous.as_deref(),
-        is_fresh,
-        facts.is_root,
-        options.no_rollback,
-    )
-    .await;
+    let (housekeeping, facts_after) = early_housekeeping(ctx, &facts, &id, previous.as_deref());
+    let request = activate::Request {
+        release: &id,
+        previous: previous.as_deref(),
+        from_partial: is_fresh,
+        is_root: facts.is_root,
+        no_rollback: options.no_rollback,
+        housekeeping,
+    };
+    let activation = activate::activate(ctx, session, request).await;
     if ctx.interrupt.is_set() {
         ctx.reporter
             .note("interrupted after the switch: the restart and health check were finished first");
     }
-    finish_activation(ctx, session, &facts, &id, activation).await
+    finish_activation(ctx, session, &facts_after, &id, activation).await
+}
+
+/// Plans the pruning that can run during the health gate: what retention removes once `id` is
+/// live, less the previous release and its own rollback target, which an automatic rollback
+/// would need. Returns it with the host facts as they will be after it ran.
+fn early_housekeeping(
+    ctx: &Context<'_>,
+    facts: &HostFacts,
+    id: &str,
+    previous: Option<&str>,
+) -> (Option<activate::Housekeeping>, HostFacts) {
+    let mut history = facts.history.clone();
+    history
+        .events
+        .push(ctx.event(Action::Push, id, Outcome::Deployed));
+    let (releases, venvs) = ctx.prune_plan(facts, id, &history);
+
+    let mut protected: HashSet<String> = HashSet::new();
+    if let Some(previous) = previous {
+        protected.insert(previous.to_string());
+        let target = facts
+            .history
+            .rollback_target(Some(previous), &facts.releases);
+        protected.extend(target);
+    }
+    let protected_venvs: HashSet<&str> = protected
+        .iter()
+        .filter_map(|release| facts.venv_links.get(release))
+        .filter_map(|link| link.rsplit('/').next())
+        .collect();
+    let releases: Vec<String> = releases
+        .into_iter()
+        .filter(|r| !protected.contains(r))
+        .collect();
+    let venvs: Vec<String> = venvs
+        .into_iter()
+        .filter(|key| !protected_venvs.contains(key.as_str()))
+        .collect();
+
+    let mut after = facts.clone();
+    if releases.is_empty() && venvs.is_empty() {
+        return (None, after);
+    }
+    for release in &releases {
+        after.releases.remove(release);
+        after.venv_links.remove(release);
+    }
+    for key in &venvs {
+        after.venvs.remove(key);
+    }
+    let housekeeping = activate::Housekeeping {
+        command: remote::prune(ctx.layout(), &releases, &venvs),
+        detail: format!(
+            "removed {} release(s), {} venv(s) during the health gate",
+            releases.len(),
+            venvs.len()
+        ),
+    };
+    (Some(housekeeping), after)
 }
 
 /// Logs how the activation ended and prunes after a success.
@@ -304,6 +363,13 @@ pub async fn finish_activation(
             ctx.log_event(session, &event).await;
             history.events.push(event);
             ctx.summary.outcome = "deployed".to_string();
+            if let Some(message) = ctx.housekeeping_failure.take() {
+                ctx.summary.outcome = "housekeeping_failed".to_string();
+                return Err(Error::Housekeeping {
+                    release: id.to_string(),
+                    message,
+                });
+            }
             if let Err(error) = ctx.prune(session, facts, id, &history).await {
                 ctx.summary.outcome = "housekeeping_failed".to_string();
                 return Err(error);

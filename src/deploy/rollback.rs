@@ -81,16 +81,15 @@ async fn rollback_locked(
 
     let target_dir = ctx.layout().release(&target);
     activate::install_unit_file(ctx, session, &target_dir, facts.is_root).await?;
-    let activation = activate::activate(
-        ctx,
-        session,
-        &target,
-        live.as_deref(),
-        false,
-        facts.is_root,
-        options.no_rollback,
-    )
-    .await;
+    let request = activate::Request {
+        release: &target,
+        previous: live.as_deref(),
+        from_partial: false,
+        is_root: facts.is_root,
+        no_rollback: options.no_rollback,
+        housekeeping: None,
+    };
+    let activation = activate::activate(ctx, session, request).await;
     finish_activation(ctx, session, &facts, &target, activation).await
 }
 
