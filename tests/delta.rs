@@ -89,6 +89,13 @@ fn delta_release_matches_full_upload() {
     project.add_host("test", &host, "root", &[QUICK_HEALTH]);
     write_many_files(&project, 10);
     project.write_file("bin/run.sh", "#!/bin/sh\necho run\n");
+    // A directory that holds only unchanged files is created on the host by the hard-link step,
+    // which runs beside tar: its mode must still come from the archive.
+    for index in 0..40 {
+        project.write_file(&format!("private/nested/file_{index}.txt"), "same\n");
+    }
+    let private = project.app_path().join("private");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o750)).unwrap();
     push_summary(&project);
 
     // Delete a file, change a mode, add a symlink, replace a file with a directory.

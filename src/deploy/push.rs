@@ -659,21 +659,21 @@ async fn send_release(
         return upload(ctx, session, manifest, id, None).await;
     };
 
-    upload(ctx, session, manifest, id, Some(&delta.send)).await?;
     if delta.reuse.is_empty() {
-        return Ok(());
+        return upload(ctx, session, manifest, id, Some(&delta.send)).await;
     }
+    // The host links the unchanged files while the changed ones travel.
     let command = remote::link_reused(ctx.layout(), &live, id);
     let list = remote::reused_list(&delta.reuse);
-    ctx.reporter.start_step("reuse");
+    let deadline = ctx.plan.config.timeouts.upload;
     let started = Instant::now();
-    let result = session
-        .run(
-            &command,
-            Some(list.as_bytes()),
-            ctx.plan.config.timeouts.upload,
-        )
-        .await;
+    let linking = session.run(&command, Some(list.as_bytes()), deadline);
+    let (uploaded, result) = tokio::join!(
+        upload(ctx, session, manifest, id, Some(&delta.send)),
+        linking
+    );
+    uploaded?;
+    ctx.reporter.start_step("reuse");
     if let Ok(output) = &result
         && output.exit_status == Some(3)
     {

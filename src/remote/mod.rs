@@ -112,9 +112,7 @@ pub fn inventory(layout: &Layout, artifact_sha256: &str, unit: &str) -> String {
     let short = &artifact_sha256[..8];
     let mut script = String::new();
     script.push_str("echo \"uid=$(id -u)\"\n");
-    script.push_str(
-        "echo \"python=$(python3 -c 'import sys; print(\"%d.%d.%d\" % sys.version_info[:3])')\"\n",
-    );
+    script.push_str("echo \"python=$(python3 -V 2>&1 | cut -d ' ' -f 2)\"\n");
     script.push_str("if command -v uv >/dev/null 2>&1; then echo uv=yes; fi\n");
     let _ = writeln!(
         script,
@@ -164,20 +162,29 @@ pub const MANIFEST_MARKER: &str = "---live-manifest---";
 /// Hard-links files of an earlier release into a new one. Reads `path\tsize\tmode` lines on stdin
 /// and checks that each file still has that size and mode before linking it; on the first
 /// mismatch it prints `mismatch=PATH` and exits 3, so the caller can fall back to a full upload.
+/// It creates the directories it needs, because it runs while `tar` unpacks the changed files
+/// into the same tree; `tar` then sets those directories' modes from the archive.
 const LINK_REUSED: &str = r#"import os, stat, sys
 old, new = sys.argv[1], sys.argv[2]
+os.makedirs(new, exist_ok=True)
+old_fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY)
+new_fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
+made = set()
 count = 0
 for line in sys.stdin:
     path, size, mode = line.rstrip("\n").split("\t")
-    source = os.path.join(old, path)
     try:
-        info = os.lstat(source)
+        info = os.lstat(path, dir_fd=old_fd)
     except OSError:
         info = None
     if info is None or not stat.S_ISREG(info.st_mode) or info.st_size != int(size) or stat.S_IMODE(info.st_mode) != int(mode, 8):
         print("mismatch=" + path)
         sys.exit(3)
-    os.link(source, os.path.join(new, path))
+    parent = os.path.dirname(path)
+    if parent and parent not in made:
+        os.makedirs(os.path.join(new, parent), exist_ok=True)
+        made.add(parent)
+    os.link(path, path, src_dir_fd=old_fd, dst_dir_fd=new_fd, follow_symlinks=False)
     count += 1
 print("linked=%d" % count)
 "#;
@@ -208,13 +215,14 @@ pub fn reused_list(files: &[crate::archive::ReusedFile]) -> String {
 /// Line of `prepare`'s output after which the release log follows verbatim.
 pub const LOG_MARKER: &str = "---releases.jsonl---";
 
-/// Unpacks the tar.gz arriving on stdin into a fresh `.partial` directory.
+/// Unpacks the tar.gz arriving on stdin into the `.partial` directory, which the concurrent
+/// hard-link step may already have created; `prepare` removed any older one under the lock.
 ///
 /// `--no-same-owner` gives the files to the deploy user even when it is root, and `-p` keeps the
 /// archive's mode bits exactly instead of applying the remote umask.
 pub fn unpack(layout: &Layout, id: &str) -> String {
     let partial = quote(&layout.partial(id));
-    format!("mkdir -- {partial} && tar -xzf - --no-same-owner -p -C {partial}")
+    format!("mkdir -p -- {partial} && tar -xzf - --no-same-owner -p -C {partial}")
 }
 
 /// Ensures the venv for `key` exists, building it in place when its marker is missing, and links
@@ -370,7 +378,10 @@ pub fn switch_current(layout: &Layout, id: &str) -> String {
 pub fn restart(unit: &str, is_root: bool) -> String {
     let sudo = privilege(is_root);
     let unit = quote(unit);
-    format!("{sudo}systemctl reset-failed -- {unit} 2>/dev/null; {sudo}systemctl restart -- {unit}")
+    format!(
+        "{sudo}systemctl restart -- {unit} || \
+         {{ {sudo}systemctl reset-failed -- {unit} 2>/dev/null; {sudo}systemctl restart -- {unit}; }}"
+    )
 }
 
 /// Returns a command that prints the unit's state as `key=value` lines, without privileges.
@@ -471,7 +482,7 @@ mod tests {
     fn unpack_quotes_release_path() {
         assert_eq!(
             unpack(&layout(), "20261204T150102Z-3f9a1c2e"),
-            "mkdir -- '/srv/web app/releases/20261204T150102Z-3f9a1c2e.partial' && tar -xzf - \
+            "mkdir -p -- '/srv/web app/releases/20261204T150102Z-3f9a1c2e.partial' && tar -xzf - \
              --no-same-owner -p -C '/srv/web app/releases/20261204T150102Z-3f9a1c2e.partial'"
         );
     }
@@ -489,12 +500,13 @@ mod tests {
     fn restart_uses_sudo_only_for_non_root() {
         assert_eq!(
             restart("webapp.service", true),
-            "systemctl reset-failed -- webapp.service 2>/dev/null; systemctl restart -- webapp.service"
+            "systemctl restart -- webapp.service || { systemctl reset-failed -- webapp.service \
+             2>/dev/null; systemctl restart -- webapp.service; }"
         );
         assert_eq!(
             restart("webapp.service", false),
-            "sudo -n systemctl reset-failed -- webapp.service 2>/dev/null; \
-             sudo -n systemctl restart -- webapp.service"
+            "sudo -n systemctl restart -- webapp.service || { sudo -n systemctl reset-failed -- \
+             webapp.service 2>/dev/null; sudo -n systemctl restart -- webapp.service; }"
         );
     }
 
