@@ -582,3 +582,31 @@ fn terminated_upload_changes_nothing() {
     // The client releases the lock itself before it exits, so there is nothing to wait for.
     assert!(is_lock_free(&host), "the lock was released on exit");
 }
+
+#[test]
+fn scan_error_frees_early_lock() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let project = Project::new();
+    project.add_host("test", &host, "root", &[QUICK_HEALTH]);
+    assert_success(&project.crucible(&["push", "test"]));
+    let live = host.live_release();
+
+    // The first lock attempt runs while the tree is scanned; a tree that fails its checks must
+    // still leave the lock free for the next deploy.
+    project.write_file(".crucibleignore", "requirements.txt\n");
+    let output = project.crucible(&["push", "test"]);
+    assert_exit(&output, 2);
+    assert!(
+        stderr(&output).contains("excluded"),
+        "the error names the excluded requirements file:\n{}",
+        stderr(&output)
+    );
+
+    assert_lock_freed(&host);
+    assert_eq!(host.live_release(), live, "nothing changed");
+    project.remove_file(".crucibleignore");
+    assert_success(&project.crucible(&["push", "test"]));
+}

@@ -306,14 +306,9 @@ impl<'a> Context<'a> {
     }
 
     /// Takes the deploy lock, retrying once a second until `--lock-wait` runs out.
-    pub async fn lock(
-        &mut self,
-        session: &Session,
-        wait: Option<Duration>,
-    ) -> Result<DeployLock, Error> {
-        self.reporter.start_step("lock");
-        let started = Instant::now();
-        let holder = serde_json::json!({
+    /// The record written beside the lock while this deploy holds it.
+    pub fn holder_record(&self) -> String {
+        serde_json::json!({
             "user": self.plan.deployer.user,
             "host": self.plan.deployer.host,
             "github_run": self.plan.deployer.github.as_ref().map(|run| format!("{}/actions/runs/{}", run.repository, run.run_id)),
@@ -321,7 +316,17 @@ impl<'a> Context<'a> {
             "since": crate::releases::timestamp(OffsetDateTime::now_utc()),
             "command": self.summary.command,
         })
-        .to_string();
+        .to_string()
+    }
+
+    pub async fn lock(
+        &mut self,
+        session: &Session,
+        wait: Option<Duration>,
+    ) -> Result<DeployLock, Error> {
+        self.reporter.start_step("lock");
+        let started = Instant::now();
+        let holder = self.holder_record();
         let deadline = wait.map(|wait| started + wait);
         loop {
             let attempt =

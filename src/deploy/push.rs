@@ -18,6 +18,7 @@ use crate::archive::{ArchiveError, Manifest};
 use crate::error::Error;
 use crate::releases::{Action, History, Outcome, release_id};
 use crate::remote;
+use crate::remote::lock::{Attempt, DeployLock};
 use crate::ssh::{Session, SshError, collect_output};
 
 /// Size of the pieces the compressed stream is cut into before they go on the channel. Large
@@ -57,12 +58,27 @@ pub fn scan(ctx: &mut Context<'_>) -> Result<Artifact, Error> {
 
 /// Hashes the tree while the SSH connection is set up, because neither needs the other. The scan
 /// is still reported first, and its error wins over a connection error, as when they ran in turn.
-async fn scan_while_connecting(ctx: &mut Context<'_>) -> Result<(Artifact, Session), Error> {
+async fn scan_while_connecting(
+    ctx: &mut Context<'_>,
+) -> Result<(Artifact, Session, Option<EarlyLock>), Error> {
     let plan = ctx.plan;
+    let holder = ctx.holder_record();
+    let layout = ctx.layout().clone();
     let connect_started = Instant::now();
+    // The lock needs no artifact, so the first attempt to take it also runs during the scan.
     let connecting = async {
         let result = Session::connect(&plan.target).await;
-        (result, connect_started.elapsed())
+        let took = connect_started.elapsed();
+        let lock = match &result {
+            Ok(session) => {
+                let started = Instant::now();
+                let attempt =
+                    DeployLock::try_acquire(session, &layout, &holder, plan.step_deadline()).await;
+                Some((started, attempt))
+            }
+            Err(_) => None,
+        };
+        (result, took, lock)
     };
     tokio::pin!(connecting);
 
@@ -78,15 +94,30 @@ async fn scan_while_connecting(ctx: &mut Context<'_>) -> Result<(Artifact, Sessi
         }
     };
     let scanned = scanned.unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
-    let artifact = check_scan(ctx, started, scanned)?;
+    let checked = check_scan(ctx, started, scanned);
 
-    let (result, took) = match connected {
+    let (result, took, lock) = match connected {
         Some(connected) => connected,
         None => connecting.await,
     };
+    let artifact = match checked {
+        Ok(artifact) => artifact,
+        Err(error) => {
+            if let Some((_, Ok(Attempt::Acquired(lock)))) = lock {
+                lock.release().await;
+            }
+            if let Ok(session) = result {
+                session.close().await;
+            }
+            return Err(error);
+        }
+    };
     let session = ctx.report_connect(result, took)?;
-    Ok((artifact, session))
+    Ok((artifact, session, lock))
 }
+
+/// The first lock attempt, made while the tree was being scanned, and when it started.
+type EarlyLock = (Instant, Result<Attempt, SshError>);
 
 /// Checks that the files hosts.toml names are part of the scanned tree, and reports the scan.
 fn check_scan(
@@ -148,8 +179,17 @@ pub async fn run(ctx: &mut Context<'_>, options: &DeployOptions) -> Result<(), E
         ctx.summary.outcome = "dry_run".to_string();
         return Ok(());
     }
-    let (artifact, session) = scan_while_connecting(ctx).await?;
-    let lock = ctx.lock(&session, options.lock_wait).await?;
+    let (artifact, session, early_lock) = scan_while_connecting(ctx).await?;
+    let lock = match early_lock {
+        Some((started, Ok(Attempt::Acquired(lock)))) => {
+            ctx.reporter.start_step("lock");
+            ctx.local_step("lock", started, true, String::new());
+            lock
+        }
+        // Held by another deploy, or the attempt failed: the normal path waits with
+        // --lock-wait, or reports the holder or the error.
+        _ => ctx.lock(&session, options.lock_wait).await?,
+    };
     let result = push_locked(ctx, &session, &artifact, options).await;
     lock.release().await;
     session.close().await;
