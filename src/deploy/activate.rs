@@ -153,14 +153,16 @@ pub async fn activate(
         let housekeeping = housekeeping?;
         let started = Instant::now();
         let result = session.run(&housekeeping.command, None, deadline).await;
-        Some((housekeeping.detail, started, result))
+        Some((housekeeping.detail, started.elapsed(), result))
     };
     let (checked, pruned) = tokio::join!(
         restart_and_check(ctx, session, release, is_root),
         background
     );
-    if let Some((detail, started, result)) = pruned
-        && let Err(error) = ctx.finish_remote_step("prune", started, result, |_| detail.clone())
+    // Reported once the gate is done, with the time the pruning itself took.
+    if let Some((detail, took, result)) = pruned
+        && let Err(error) =
+            ctx.finish_remote_step("prune", Instant::now() - took, result, |_| detail.clone())
     {
         ctx.housekeeping_failure = Some(error.to_string());
     }
