@@ -4,10 +4,12 @@
 //! exit code. `main.rs` only calls it.
 
 pub mod archive;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod deploy;
 pub mod error;
+pub mod init;
 pub mod inspect;
 pub mod plan;
 pub mod releases;
@@ -75,7 +77,7 @@ async fn execute(
             );
             Ok(Exit::Success)
         }
-        Command::Init(args) => inspect::init(&cli.config, args.workflow).map(|()| Exit::Success),
+        Command::Init(args) => init::init(&cli.config, args.workflow).map(|()| Exit::Success),
         Command::Push(args) => {
             let plan = load_plan(&cli.config, &args.host.host, environment)?;
             let options = DeployOptions {
@@ -114,7 +116,7 @@ async fn execute(
         }
         Command::Check(args) => {
             let plan = load_plan(&cli.config, &args.host, environment)?;
-            inspect::check(&plan, &mut reporter)
+            check::check(&plan, &mut reporter)
                 .await
                 .map(|()| Exit::Success)
         }

@@ -4,6 +4,7 @@
 pub mod activate;
 pub mod push;
 pub mod rollback;
+pub mod upload;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
