@@ -123,15 +123,15 @@ impl Reporter {
         }
     }
 
-    /// Returns a progress bar for the upload, drawn only in a terminal.
+    /// Turns the running step's spinner into a byte counter for the upload, in a terminal only.
+    /// Two bars drawn to stderr at once would overwrite each other's lines.
     pub fn upload_bar(&self) -> Option<ProgressBar> {
-        if !self.is_live() {
-            return None;
-        }
-        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        let bar = self.spinner.clone()?;
         bar.set_style(
-            ProgressStyle::with_template("  upload {bytes} sent ({bytes_per_sec}) {elapsed}")
-                .expect("valid upload template"),
+            ProgressStyle::with_template(
+                "{spinner} upload {bytes} sent ({bytes_per_sec}) {elapsed}",
+            )
+            .expect("valid upload template"),
         );
         Some(bar)
     }
@@ -287,6 +287,15 @@ impl Reporter {
                 path.display()
             );
         }
+    }
+}
+
+/// Formats a count with its noun, as in "1 file" or "3 files".
+pub fn count(number: usize, noun: &str) -> String {
+    if number == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{number} {noun}s")
     }
 }
 

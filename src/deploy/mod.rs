@@ -19,7 +19,7 @@ use crate::plan::HostPlan;
 use crate::releases::{Action, History, LogEvent, Outcome};
 use crate::remote::lock::{Attempt, DeployLock};
 use crate::remote::{self, LOG_MARKER, Layout, MANIFEST_MARKER};
-use crate::report::{Reporter, StepRecord, Summary};
+use crate::report::{Reporter, StepRecord, Summary, count};
 use crate::ssh::{CommandOutput, Session, SshError};
 
 /// Options shared by push and rollback.
@@ -445,9 +445,9 @@ impl<'a> Context<'a> {
         }
         let command = remote::prune(self.layout(), &releases, &venvs);
         let detail = format!(
-            "removed {} release(s), {} venv(s)",
-            releases.len(),
-            venvs.len()
+            "removed {}, {}",
+            count(releases.len(), "release"),
+            count(venvs.len(), "venv")
         );
         self.remote_step(
             session,

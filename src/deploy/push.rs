@@ -13,6 +13,7 @@ use crate::error::Error;
 use crate::releases::{Action, History, Outcome, release_id};
 use crate::remote;
 use crate::remote::lock::{Attempt, DeployLock};
+use crate::report::count;
 use crate::ssh::{Session, SshError};
 
 /// The local inputs of a push, checked before anything connects.
@@ -145,8 +146,8 @@ fn check_scan(
     }
 
     let detail = format!(
-        "{} files, {:.1} MB, sha256 {}",
-        manifest.file_count(),
+        "{}, {:.1} MB, sha256 {}",
+        count(manifest.file_count(), "file"),
         manifest.total_bytes() as f64 / 1e6,
         manifest.short_sha()
     );
@@ -362,9 +363,9 @@ fn early_housekeeping(
     let housekeeping = activate::Housekeeping {
         command: remote::prune(ctx.layout(), &releases, &venvs),
         detail: format!(
-            "removed {} release(s), {} venv(s) during the health gate",
-            releases.len(),
-            venvs.len()
+            "removed {}, {} during the health gate",
+            count(releases.len(), "release"),
+            count(venvs.len(), "venv")
         ),
     };
     (Some(housekeeping), after)
@@ -546,7 +547,7 @@ async fn prepare_release(
                 "shared",
                 &command,
                 ctx.plan.step_deadline(),
-                |_| format!("linked {linked} shared path(s)"),
+                |_| format!("linked {}", count(linked, "shared path")),
             )
             .await?;
         for (key, warning) in remote::parse_facts(&output.stdout_text()) {

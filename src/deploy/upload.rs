@@ -16,6 +16,7 @@ use super::{Context, HostFacts};
 use crate::archive::Manifest;
 use crate::error::Error;
 use crate::remote;
+use crate::report::count;
 use crate::ssh::{Session, SshError, collect_output};
 
 /// Size of the pieces the compressed stream is cut into before they go on the channel. Large
@@ -109,7 +110,8 @@ async fn upload(
     }
     let seconds = started.elapsed().as_secs_f64().max(0.001);
     let detail = format!(
-        "{files} files, {:.1} MB compressed, {:.1} MB/s",
+        "{}, {:.1} MB compressed, {:.1} MB/s",
+        count(files, "file"),
         sent as f64 / 1e6,
         sent as f64 / 1e6 / seconds
     );
@@ -192,7 +194,10 @@ pub(super) async fn send_release(
     }
     let reused = delta.reuse.len();
     ctx.finish_remote_step("reuse", started, result, |_| {
-        format!("{reused} unchanged files hard-linked from {live}")
+        format!(
+            "{} hard-linked from {live}",
+            count(reused, "unchanged file")
+        )
     })?;
     Ok(())
 }
