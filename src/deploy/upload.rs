@@ -161,13 +161,18 @@ pub(super) async fn send_release(
     let command = remote::link_reused(ctx.layout(), &live, id);
     let list = remote::reused_list(&delta.reuse);
     let deadline = ctx.plan.config.timeouts.upload;
-    let started = Instant::now();
-    let linking = session.run(&command, Some(list.as_bytes()), deadline);
-    let (uploaded, result) = tokio::join!(
+    let linking = async {
+        let started = Instant::now();
+        let result = session.run(&command, Some(list.as_bytes()), deadline).await;
+        (result, started.elapsed())
+    };
+    let (uploaded, (result, took)) = tokio::join!(
         upload(ctx, session, manifest, id, Some(&delta.send)),
         linking
     );
     uploaded?;
+    // Reported after the upload, with the time the linking itself took.
+    let started = Instant::now() - took;
     ctx.reporter.start_step("reuse");
     if let Ok(output) = &result
         && output.exit_status == Some(3)
