@@ -298,6 +298,14 @@ impl Resolver<'_> {
         self.check_name("name", &app_name)?;
         self.check_unit(&unit)?;
         self.check_remote_path(&path)?;
+        for (key, value) in [
+            ("requirements", &settings.requirements),
+            ("unit_file", &settings.unit_file),
+        ] {
+            if let Some(value) = value {
+                self.check_no_control(key, &value.to_string_lossy())?;
+            }
+        }
         let shared = settings.shared.unwrap_or_default();
         for entry in &shared {
             self.check_shared(entry)?;
@@ -358,6 +366,12 @@ impl Resolver<'_> {
     }
 
     fn health(&self, health: HealthSettings) -> Result<Health, ConfigError> {
+        if let Some(url) = &health.http {
+            self.check_no_control("health.http", url)?;
+        }
+        if let Some(command) = &health.command {
+            self.check_no_control("health.command", command)?;
+        }
         if let Some(url) = &health.http
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -453,6 +467,7 @@ impl Resolver<'_> {
     }
 
     fn check_remote_path(&self, path: &str) -> Result<(), ConfigError> {
+        self.check_no_control("path", path)?;
         if !path.starts_with('/') {
             return Err(self.invalid(
                 "path",
@@ -470,7 +485,21 @@ impl Resolver<'_> {
         Ok(())
     }
 
+    /// Rejects NUL and other control characters in a value that reaches the host's shell: a NUL
+    /// cannot be quoted for a shell at all, and a newline would end a line of a remote script.
+    fn check_no_control(&self, key: &'static str, value: &str) -> Result<(), ConfigError> {
+        if value.chars().any(char::is_control) {
+            return Err(self.invalid(
+                key,
+                value.to_string(),
+                "must not contain control characters such as NUL or a newline",
+            ));
+        }
+        Ok(())
+    }
+
     fn check_shared(&self, entry: &str) -> Result<(), ConfigError> {
+        self.check_no_control("shared", entry)?;
         let trimmed = entry.trim_end_matches('/');
         let is_valid = !trimmed.is_empty()
             && !trimmed.starts_with('/')
@@ -630,6 +659,19 @@ path = "/opt/webapp"
             let text = VALID.replace("keep = 3", &format!("keep = 3\nshared = [{bad:?}]"));
             let result = parse(&text).unwrap().host("staging");
             assert!(result.is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn control_characters_are_rejected() {
+        for (key, bad) in [("path", "\"/srv/a\\u0000b\""), ("path", "\"/srv/a\\nb\"")] {
+            let text = VALID.replace("path = \"/opt/webapp\"", &format!("{key} = {bad}"));
+            let error = parse(&text)
+                .unwrap()
+                .host("staging")
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("control characters"), "{bad}: {error}");
         }
     }
 

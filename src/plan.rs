@@ -11,7 +11,7 @@ use crate::remote::Layout;
 use crate::report::OutputMode;
 use crate::ssh::{Credential, HostKeyPin, HostKeyPolicy, SshTarget};
 
-/// What crucible reads from its environment, read once.
+/// The environment variables crucible uses, read once.
 #[derive(Debug, Default)]
 pub struct Environment {
     pub home: Option<PathBuf>,

@@ -39,7 +39,7 @@ pub enum Action {
     Rollback,
 }
 
-/// How it ended.
+/// The outcome of a push or rollback.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -53,7 +53,7 @@ pub enum Outcome {
     Broken,
 }
 
-/// Who ran a deploy.
+/// The person or CI run behind a deploy.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Deployer {
     pub user: String,
@@ -72,7 +72,7 @@ pub struct GithubRun {
 }
 
 impl Action {
-    /// The name the release log uses.
+    /// Returns the name the release log uses.
     pub fn name(self) -> &'static str {
         match self {
             Action::Push => "push",
@@ -82,7 +82,7 @@ impl Action {
 }
 
 impl Outcome {
-    /// The name the release log uses.
+    /// Returns the name the release log uses.
     pub fn name(self) -> &'static str {
         match self {
             Outcome::Deployed => "deployed",
@@ -188,7 +188,7 @@ impl History {
             .map(str::to_string)
     }
 
-    /// The latest event about `release`.
+    /// Returns the latest event about `release`.
     pub fn latest(&self, release: &str) -> Option<&LogEvent> {
         self.events
             .iter()

@@ -126,7 +126,7 @@ pub enum HostKeyPin {
 }
 
 impl HostKeyPin {
-    /// Parses a `host_key` value; the error says what form was expected.
+    /// Parses a `host_key` value; the error names the form that was expected.
     pub fn parse(text: &str) -> Result<HostKeyPin, String> {
         let text = text.trim();
         if let Some(digest) = text.strip_prefix("SHA256:") {

@@ -16,7 +16,7 @@ pub struct Housekeeping {
     pub detail: String,
 }
 
-/// What to make live, and what to do if it fails.
+/// The release to make live, and what to do if it fails.
 pub struct Request<'a> {
     pub release: &'a str,
     /// The release to go back to when `release` fails its health gate.
@@ -28,7 +28,7 @@ pub struct Request<'a> {
     pub housekeeping: Option<Housekeeping>,
 }
 
-/// How an activation ended.
+/// The end state of an activation.
 #[derive(Debug)]
 pub enum Activation {
     /// The release is live and healthy.

@@ -160,7 +160,7 @@ pub struct Context<'a> {
     pub started: Instant,
     pub started_at: OffsetDateTime,
     pub interrupt: Interrupt,
-    /// Why housekeeping that ran during the health gate failed, if it did.
+    /// The error of housekeeping that ran during the health gate, if it failed.
     pub housekeeping_failure: Option<String>,
 }
 

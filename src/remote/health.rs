@@ -82,7 +82,7 @@ impl UnitState {
     }
 }
 
-/// Why a release was declared unhealthy.
+/// The reason a release was declared unhealthy.
 #[derive(Debug, Clone)]
 pub struct Unhealthy {
     pub check: &'static str,

@@ -12,8 +12,8 @@ use crate::archive::MANIFEST_NAME;
 
 /// Quotes one argument for a POSIX shell.
 ///
-/// Config validation rejects NUL bytes, the only input `shlex` cannot quote, so this never fails
-/// on a validated plan.
+/// Config validation rejects control characters, NUL among them, in every value that reaches the
+/// host's shell. NUL is the only input `shlex` cannot quote, so this never fails on a valid plan.
 pub fn quote(value: &str) -> String {
     shlex::try_quote(value)
         .map(|quoted| quoted.into_owned())
@@ -59,7 +59,7 @@ impl Layout {
         format!("{}/venvs/{key}", self.root)
     }
 
-    /// The lock held while the venv for `key` is built.
+    /// Returns the path of the lock held while the venv for `key` is built.
     pub fn venv_lock(&self, key: &str) -> String {
         format!("{}/.crucible/venv-{key}.lock", self.root)
     }
@@ -275,7 +275,7 @@ pub fn sync_venv(
 ///
 /// A shared directory (written with a trailing `/`) is created when missing; a missing shared file
 /// is an error that names where to put it. When the release itself contains a shared path, the
-/// shared copy wins and a `warning=` line says so.
+/// shared copy wins and a `warning=` line reports it.
 pub fn link_shared(layout: &Layout, release_dir: &str, shared: &[String]) -> String {
     let mut script = String::from("set -e\n");
     for entry in shared {
