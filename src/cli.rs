@@ -30,8 +30,8 @@ pub struct Cli {
     pub quiet: bool,
 
     /// Print JSON on stdout instead of text: for push and rollback, newline-delimited events and a
-    /// summary (docs/json-report.md has the schema); for releases and status, one JSON document.
-    /// check, logs and init print text. Example: crucible push prod --json
+    /// summary (the README's `--json` section has the schema); for releases and status, one JSON
+    /// document. check, logs and init print text. Example: crucible push prod --json
     #[arg(long, global = true)]
     pub json: bool,
 

@@ -53,8 +53,8 @@ pub struct Summary {
     pub bytes_sent: Option<u64>,
     pub files_reused: Option<usize>,
     /// `deployed`, `unchanged`, `dry_run`, `rolled_back`, `failed_before_switch`,
-    /// `housekeeping_failed`, `rollback_failed`, `interrupted` or `failed`; docs/json-report.md
-    /// describes each.
+    /// `housekeeping_failed`, `rollback_failed`, `interrupted` or `failed`; the README's `--json`
+    /// section describes each.
     pub outcome: String,
     pub exit_code: u8,
     pub duration_ms: u64,
