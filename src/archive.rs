@@ -158,8 +158,8 @@ impl Manifest {
             .sum()
     }
 
-    /// The manifest file as stored in each release: a header with the artifact sha256, then one
-    /// tab-separated line per entry.
+    /// Renders the manifest file as stored in each release: a header with the artifact sha256,
+    /// then one tab-separated line per entry.
     pub fn to_text(&self) -> String {
         format!(
             "{MANIFEST_HEADER} {}\n{}",
@@ -170,7 +170,7 @@ impl Manifest {
 
     /// Writes the archive of this tree to `out` as an uncompressed tar stream.
     ///
-    /// With `only`, file contents are sent only for those paths; every directory and symlink is
+    /// With `only`, file contents are sent only for those paths. Every directory and symlink is
     /// still sent, so the receiving side can build the rest from an earlier release. The manifest
     /// comes last, so a release directory that has it is complete.
     pub fn write_tar<W: Write>(&self, out: W, only: Option<&HashSet<String>>) -> io::Result<W> {

@@ -117,7 +117,8 @@ pub async fn check(plan: &HostPlan, reporter: &mut Reporter) -> Result<(), Error
     Ok(())
 }
 
-/// The on-host half of `check`: one tab-separated `name, ok|fail, detail` line per prerequisite.
+/// Builds the on-host half of `check`, a script that prints one tab-separated
+/// `name, ok|fail, detail` line per prerequisite.
 fn host_checks(plan: &HostPlan) -> String {
     let config = &plan.config;
     let root = quote(&config.path);
@@ -172,7 +173,8 @@ fn host_checks(plan: &HostPlan) -> String {
     script
 }
 
-/// The app directory's size in bytes, counting every file below it, as an estimate for the disk check.
+/// Returns the app directory's size in bytes, counting every file below it. The disk check uses
+/// it as an estimate of one more release.
 fn app_size_bytes(source: &Path) -> u64 {
     let mut total = 0;
     let mut pending = vec![source.to_path_buf()];

@@ -29,9 +29,9 @@ pub struct Cli {
     #[arg(short, long, global = true)]
     pub quiet: bool,
 
-    /// Print JSON on stdout instead of text: for push and rollback, newline-delimited events and a
-    /// summary (the README's `--json` section has the schema); for releases and status, one JSON
-    /// document. check, logs and init print text. Example: crucible push prod --json
+    /// Print JSON on stdout instead of text. Push and rollback print newline-delimited events and a
+    /// summary, whose schema the README's `--json` section describes. Releases and status print
+    /// one JSON document, and check, logs and init print text. Example: crucible push prod --json
     #[arg(long, global = true)]
     pub json: bool,
 

@@ -40,7 +40,7 @@ pub async fn releases(plan: &HostPlan, json: bool) -> Result<(), Error> {
         .history
         .rollback_target(facts.live.as_deref(), &facts.releases);
     // Newest first by the log, which records the order of pushes whatever the clocks of the
-    // machines that pushed them said; releases the log never saw come last, by id.
+    // pushing machines showed. Releases the log never saw come last, by id.
     let mut ordered: Vec<&String> = facts.releases.iter().collect();
     ordered.sort_by_key(|id| {
         let position = facts

@@ -131,7 +131,8 @@ fn host_key_policy(config: &HostConfig, home: Option<&Path>) -> HostKeyPolicy {
     HostKeyPolicy::KnownHosts(path)
 }
 
-/// The keys to try, in order: `identity`, `CRUCIBLE_SSH_KEY`, ssh-agent, then the default key files.
+/// Lists the keys to try, in order: `identity`, `CRUCIBLE_SSH_KEY`, ssh-agent, then the default
+/// key files.
 fn credentials(config: &HostConfig, environment: &Environment) -> Vec<Credential> {
     let mut credentials = Vec::new();
     if let Some(path) = &config.identity {

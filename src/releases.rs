@@ -164,8 +164,8 @@ impl History {
         order
     }
 
-    /// The default rollback target: the newest release that was successfully deployed before the
-    /// live one, and is still on the host.
+    /// Returns the default rollback target: the newest release that was successfully deployed
+    /// before the live one and is still on the host.
     ///
     /// Each rollback therefore steps one release further back in deploy order: after A, B, C, a
     /// rollback goes to B and a second one to A. To go forward again, use `rollback --to` or push.
@@ -196,7 +196,8 @@ impl History {
             .find(|event| event.release == release)
     }
 
-    /// The first successful push of `release`: when and by whom it was deployed.
+    /// Returns the first successful push of `release`, which records when and by which user it
+    /// was deployed.
     pub fn first_deploy(&self, release: &str) -> Option<&LogEvent> {
         self.events.iter().find(|event| {
             event.release == release

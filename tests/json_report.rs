@@ -89,8 +89,8 @@ fn cut_unit_state(text: &str) -> String {
     }
 }
 
-/// The run-specific strings of a push and the placeholders that replace them, longest first so
-/// a short hash never cuts into a longer value that contains it.
+/// Lists the run-specific strings of a push with the placeholders that replace them, longest
+/// first so a short hash never cuts into a longer value that contains it.
 fn volatile_strings(summary: &Value, host: &TestHost) -> Vec<(String, String)> {
     let mut pairs = Vec::new();
     let mut add = |value: Option<&str>, placeholder: &str| {

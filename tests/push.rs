@@ -457,7 +457,8 @@ fn deploy_user_with_printed_sudo_rule_pushes() {
     );
 }
 
-/// A hosts.toml whose host is never contacted, because configuration errors stop crucible first.
+/// Returns the text of a hosts.toml whose host is never contacted, because configuration errors
+/// stop crucible first.
 fn config_with_host(extra_line: &str) -> String {
     format!(
         r#"[app]

@@ -594,7 +594,7 @@ fn scan_error_frees_early_lock() {
     assert_success(&project.crucible(&["push", "test"]));
     let live = host.live_release();
 
-    // The first lock attempt runs while the tree is scanned; a tree that fails its checks must
+    // The first lock attempt runs while the tree is scanned. A tree that fails its checks must
     // still leave the lock free for the next deploy.
     project.write_file(".crucibleignore", "requirements.txt\n");
     let output = project.crucible(&["push", "test"]);

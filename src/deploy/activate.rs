@@ -168,8 +168,8 @@ pub async fn activate(
     }
 
     // From here on `current` names the new release, so an error such as a restart that runs past
-    // its deadline counts as a failed gate: returning it would report the push as failed before
-    // the switch and leave the release live without a rollback.
+    // its deadline counts as a failed gate. Returning the error instead would report the push as
+    // failed before the switch and leave the release live without a rollback.
     let reason = match checked {
         Ok(Ok(())) => return Ok(Activation::Healthy),
         Ok(Err(reason)) => reason,

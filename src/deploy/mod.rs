@@ -235,8 +235,8 @@ impl<'a> Context<'a> {
                 } else {
                     output.stderr_tail(8)
                 };
-                // A step's detail describes what it did, which a failed step did not do; its
-                // exit status and stderr say what went wrong instead.
+                // A step's detail describes what it did, which a failed step did not do. Its
+                // exit status and stderr show what went wrong instead.
                 self.reporter.finish_step(StepRecord {
                     name: name.to_string(),
                     exit_code: output.exit_status,

@@ -448,8 +448,8 @@ pub async fn finish_activation(
     }
 }
 
-/// Whether the newest `deployed` event of the release log names `release`, which is then known
-/// to have passed its health gate as the live release.
+/// Returns whether the newest `deployed` event of the release log names `release`. Only then is
+/// the live release known to have passed its health gate.
 fn is_recorded_live(history: &History, release: &str) -> bool {
     history
         .events

@@ -122,8 +122,8 @@ async fn upload(
         .map(|_| ())
 }
 
-/// Sends the release: only the files that differ from the live release when its manifest can be
-/// trusted, with the rest hard-linked from it on the host; every file otherwise.
+/// Sends the release. When the live release's manifest can be trusted, only the files that differ
+/// travel and the rest are hard-linked from it on the host; otherwise every file is sent.
 pub(super) async fn send_release(
     ctx: &mut Context<'_>,
     session: &Session,

@@ -7,8 +7,8 @@ use super::{quote, unit_state};
 use crate::config::Health;
 use crate::ssh::{CommandOutput, Session, SshError};
 
-/// Probes an HTTP URL from the host itself with python3, so no curl is needed there. Prints the
-/// status code and a body excerpt; exits 0 only for a 2xx answer.
+/// Probes an HTTP URL from the host itself with python3, so no curl is needed there. It prints
+/// the status code and a body excerpt, and exits 0 only for a 2xx response.
 const HTTP_PROBE: &str = r#"import sys, urllib.request, urllib.error
 url, timeout = sys.argv[1], float(sys.argv[2])
 try:
@@ -110,7 +110,7 @@ pub async fn settle(
     let end = Instant::now() + window;
     let mut state;
     // A manual restart may reset NRestarts, so the lower of the counts before and just after the
-    // restart is the baseline; a new main process during the window is a restart too.
+    // restart is the baseline. A new main process during the window counts as a restart too.
     let mut baseline = restarts_before;
     let mut first_pid = None;
     loop {

@@ -160,7 +160,7 @@ pub fn inventory(layout: &Layout, artifact_sha256: &str, unit: &str) -> String {
 pub const MANIFEST_MARKER: &str = "---live-manifest---";
 
 /// Hard-links files of an earlier release into a new one. Reads `path\tsize\tmode` lines on stdin
-/// and checks that each file still has that size and mode before linking it; on the first
+/// and checks that each file still has that size and mode before linking it. On the first
 /// mismatch it prints `mismatch=PATH` and exits 3, so the caller can fall back to a full upload.
 /// It creates the directories it needs, because it runs while `tar` unpacks the changed files
 /// into the same tree; `tar` then sets those directories' modes from the archive.
@@ -216,7 +216,7 @@ pub fn reused_list(files: &[crate::archive::ReusedFile]) -> String {
 pub const LOG_MARKER: &str = "---releases.jsonl---";
 
 /// Unpacks the tar.gz arriving on stdin into the `.partial` directory, which the concurrent
-/// hard-link step may already have created; `prepare` removed any older one under the lock.
+/// hard-link step may already have created. `prepare` removed any older one under the lock.
 ///
 /// `--no-same-owner` gives the files to the deploy user even when it is root, and `-p` keeps the
 /// archive's mode bits exactly instead of applying the remote umask.

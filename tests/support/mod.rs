@@ -157,7 +157,7 @@ fn create_client_key() -> PathBuf {
     }
 
     // Generate into a staging directory and rename it into place, so a concurrent test
-    // process never sees half a key pair. A rename that loses the race leaves the winner's key.
+    // process never reads half a key pair. A rename that loses the race leaves the winner's key.
     let staging = tempfile::Builder::new()
         .prefix("crucible-test-client-key.")
         .tempdir_in(parent)
