@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Times crucible against a plain `tar | ssh` copy of the same app on a local test host.
+# Times crucible against a plain `tar | ssh` copy and a Capistrano deploy of the same app on a local
+# test host.
 #
 # Usage (as root, from anywhere in the repository):
 #   benches/run.sh [--reps N] [--skip-large] [--profile]
@@ -17,6 +18,9 @@
 #   floor      tar czf - -C app . | ssh host 'mkdir -p D && tar xzf - -C D', with a new D
 #   cold       push with new requirements (a new venv) and delta off, like a first deploy
 #   delta      push after a one-file change: the venv is reused and one file travels
+#   capistrano `cap bench deploy` (Capistrano 3) of a commit that contains the same one-file
+#              change. Git on the host fetches the commit from a bare repository there, `git
+#              archive` unpacks a new release and `current` switches. Nothing restarts.
 #   full       push after a one-file change with `delta = false`: every byte travels
 #   unchanged  push of the same tree again: nothing to upload
 #   rollback   crucible rollback
@@ -28,7 +32,8 @@
 # stopped on exit.
 #
 # Needs root, systemd-nspawn, mmdebstrap, the OpenSSH client, python3, strace, GNU time
-# (/usr/bin/time, Debian package `time`) and, for --profile, perf (Debian package linux-perf).
+# (/usr/bin/time, Debian package `time`), git, Capistrano 3 (Debian package `capistrano`) and,
+# for --profile, perf (Debian package linux-perf).
 set -euo pipefail
 
 reps=5
@@ -42,6 +47,12 @@ testhost=$repository/tests/support/testhost
 work=$repository/target/bench
 crucible=${CRUCIBLE_BENCH_BINARY:-$repository/target/release/crucible}
 host_pid=
+
+# Options for every OpenSSH client run that reaches the host, git's included: this key only, the
+# pinned host key, no prompts.
+ssh_options=(-F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=yes
+    -o "UserKnownHostsFile=$work/known_hosts" -o IdentitiesOnly=yes -o ConnectTimeout=5
+    -i "$work/id_ed25519")
 
 fail() {
     echo "bench: $*" >&2
@@ -66,9 +77,11 @@ parse_arguments() {
 check_tools() {
     [[ $(id -u) == 0 ]] || fail "must run as root because the test host boots with systemd-nspawn; rerun with sudo"
     local tool
-    for tool in ssh ssh-keygen python3 strace cargo; do
+    for tool in ssh ssh-keygen python3 strace cargo git; do
         command -v "$tool" >/dev/null || fail "$tool not found; install it and rerun"
     done
+    command -v cap >/dev/null \
+        || fail "cap (Capistrano 3) not found; install it with: apt-get install capistrano"
     [[ -x /usr/bin/time ]] || fail "/usr/bin/time not found; install it with: apt-get install time"
     if [[ $run_profile == yes ]]; then
         perf stat -e instructions true >/dev/null 2>&1 \
@@ -90,9 +103,7 @@ stop_host() {
 }
 
 ssh_to_host() {
-    ssh -F /dev/null -o BatchMode=yes -o StrictHostKeyChecking=yes \
-        -o UserKnownHostsFile="$work/known_hosts" -o IdentitiesOnly=yes -o ConnectTimeout=5 \
-        -i "$work/id_ed25519" "root@$address" "$@"
+    ssh "${ssh_options[@]}" "root@$address" "$@"
 }
 
 boot_host() {
@@ -150,6 +161,75 @@ EOF
         "$work/hosts.toml" >"$work/hosts-large.toml"
 }
 
+# Writes a Capistrano 3 project into $work/capistrano that deploys the fixture app from the bare
+# repository /srv/cap-repo.git on the host to /srv/cap-webapp, with no restart task.
+write_capistrano_config() {
+    mkdir -p "$work/capistrano/config/deploy"
+    cat >"$work/capistrano/Capfile" <<'EOF'
+require "capistrano/setup"
+require "capistrano/deploy"
+require "capistrano/scm/git"
+install_plugin Capistrano::SCM::Git
+EOF
+    cat >"$work/capistrano/config/deploy.rb" <<'EOF'
+set :application, "webapp"
+set :repo_url, "/srv/cap-repo.git"
+set :branch, "main"
+set :deploy_to, "/srv/cap-webapp"
+set :keep_releases, 5
+EOF
+    # net-ssh's counterparts of ssh_options: no ~/.ssh/config, this key only, no agent, strict
+    # checking against the pinned known_hosts file, no prompts, a 5 s connect timeout.
+    cat >"$work/capistrano/config/deploy/bench.rb" <<EOF
+server "$address", user: "root", roles: %w[app]
+set :ssh_options, {
+  config: false,
+  keys: ["$work/id_ed25519"],
+  keys_only: true,
+  use_agent: false,
+  auth_methods: %w[publickey],
+  user_known_hosts_file: "$work/known_hosts",
+  verify_host_key: :always,
+  non_interactive: true,
+  timeout: 5,
+}
+EOF
+}
+
+# Runs git on the fixture app. The repository lives beside the tree, not in it, so crucible's
+# pushes never see a .git directory.
+app_git() {
+    git -C "$work/app" --git-dir="$work/app.git" --work-tree="$work/app" \
+        -c user.name=bench -c user.email=bench@localhost "$@"
+}
+
+# Commits PATH... and pushes the commit to the bare repository on the host. The push is the
+# developer's `git push` to their forge, not part of a deploy, so it is never timed.
+commit_and_push() {
+    local message=$1
+    shift
+    app_git add -- "$@"
+    app_git commit --quiet -m "$message"
+    GIT_SSH_COMMAND="ssh ${ssh_options[*]@Q}" \
+        app_git push --quiet "root@$address:/srv/cap-repo.git" main
+}
+
+deploy_with_capistrano() {
+    local log=$work/capistrano/deploy-$1.log
+    (cd "$work/capistrano" && cap bench deploy) >"$log" 2>&1 \
+        || fail "cap bench deploy failed ($1); see $log"
+}
+
+# Puts the whole app in the host's bare repository and deploys it once, untimed, so the host's
+# mirror clone and first release exist before the repetitions, as after crucible's warm-up push.
+set_up_capistrano() {
+    write_capistrano_config
+    ssh_to_host "git init --quiet --bare --initial-branch=main /srv/cap-repo.git" </dev/null
+    app_git init --quiet --initial-branch=main
+    commit_and_push "fixture app" .
+    deploy_with_capistrano warmup
+}
+
 now_ms() {
     echo $((${EPOCHREALTIME/./} / 1000))
 }
@@ -157,6 +237,16 @@ now_ms() {
 # Appends one line to runs.tsv: case, repetition, wall milliseconds, peak RSS in KiB, JSON file.
 record() {
     printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$work/runs.tsv"
+}
+
+# Times `cap bench deploy` of a commit whose only change is the delta case's one-file change.
+run_capistrano() {
+    local rep=$1 started elapsed
+    commit_and_push "benchmark change $rep" "pkg/area_07/module_03/$delta_file"
+    started=$(now_ms)
+    deploy_with_capistrano "$rep"
+    elapsed=$(($(now_ms) - started))
+    record capistrano "$rep" "$elapsed" - -
 }
 
 run_floor() {
@@ -199,6 +289,7 @@ run_repetition() {
 
     change_one_file "$rep" "$delta_file"
     run_crucible delta "$rep" push bench
+    run_capistrano "$rep"
 
     change_one_file "$rep" "$full_file"
     run_crucible full "$rep" push bench-full
@@ -272,6 +363,7 @@ main() {
     tar czf - -C "$work/app" . | ssh_to_host "mkdir -p /srv/floor/warmup && tar xzf - -C /srv/floor/warmup"
     ssh_to_host "rm -rf /srv/floor" </dev/null
     run_crucible first 0 push bench
+    set_up_capistrano
 
     for rep in $(seq 1 "$reps"); do
         echo "bench: repetition $rep of $reps"

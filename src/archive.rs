@@ -22,7 +22,7 @@ use thiserror::Error;
 pub const MANIFEST_NAME: &str = ".crucible-manifest";
 
 /// First line of a manifest file, followed by the artifact sha256.
-const MANIFEST_HEADER: &str = "# crucible manifest v1";
+pub const MANIFEST_HEADER: &str = "# crucible manifest v1";
 
 /// Modification time given to every entry: 2000-01-01T00:00:00Z. A fixed value makes archives
 /// reproducible; it stays after 1980 so that tools building zip files from the tree accept it.

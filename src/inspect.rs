@@ -13,7 +13,7 @@ use crate::ssh::Session;
 
 /// Reads the host's facts without changing anything, as `prepare` would print them.
 async fn read_facts(plan: &HostPlan, session: &Session) -> Result<HostFacts, Error> {
-    let command = remote::inventory(&plan.layout, &"0".repeat(64), &plan.config.unit);
+    let command = remote::facts::inventory(&plan.layout, &plan.config.unit);
     let output = session.run(&command, None, plan.step_deadline()).await?;
     Ok(HostFacts::parse(&output.stdout_text()))
 }

@@ -396,6 +396,31 @@ fn prepare_deploy_path(host: &TestHost) {
 }
 
 #[test]
+fn uncreatable_deploy_path_fails_prepare() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let project = Project::new();
+    project.add_host("test", &host, "deploy", &[]);
+
+    // /srv belongs to root on the test host, so deploy cannot create /srv/webapp.
+    let output = project.crucible(&["push", "test"]);
+
+    assert_exit(&output, 6);
+    let report = stderr(&output);
+    assert!(
+        report.contains("step `prepare` failed") && report.contains("Permission denied"),
+        "the error names the prepare step and the host's reason:\n{report}"
+    );
+    assert!(
+        report.contains("check that user `deploy` may create /srv/webapp"),
+        "the error says what to fix:\n{report}"
+    );
+    assert!(!host.exists("/srv/webapp"), "nothing was created");
+}
+
+#[test]
 fn deploy_user_without_sudo_rule_changes_nothing() {
     let Some(hosts) = support::real_hosts() else {
         return;

@@ -345,9 +345,10 @@ fn killed_client_leaves_host_recoverable() {
 
     let second = push_after_interruption(&project, &host, &first);
 
-    // Killed as soon as the switch step is reported, before the restart and health gate can
-    // finish. The service may still run the previous release then, so the push that follows
-    // has to restart it and run the gate even though its release is already live.
+    // Killed as soon as the switch step is reported, before the health gate can finish. The
+    // switch and the restart are one remote command, so the host restarts the unit on the new
+    // release without the client; the push that follows still has to run the gate, because no
+    // gate ever passed for this release.
     project.write_file("VERSION", "after the switch\n");
     let mut running = project.spawn_crucible(&["push", "test"]);
     assert!(
@@ -363,6 +364,7 @@ fn killed_client_leaves_host_recoverable() {
         is_complete_release(&host, &third),
         "current points at {third}, which is not a complete release"
     );
+    assert_serves(&host, &third);
 
     let output = project.crucible(&["push", "test"]);
     assert_success(&output);

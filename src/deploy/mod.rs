@@ -17,8 +17,9 @@ use tokio::sync::Notify;
 use crate::error::Error;
 use crate::plan::HostPlan;
 use crate::releases::{Action, History, LogEvent, Outcome};
+use crate::remote::facts::{LOG_MARKER, MANIFEST_MARKER};
 use crate::remote::lock::{Attempt, DeployLock};
-use crate::remote::{self, LOG_MARKER, Layout, MANIFEST_MARKER};
+use crate::remote::{self, Layout};
 use crate::report::{Reporter, StepRecord, Summary, count};
 use crate::ssh::{CommandOutput, Session, SshError};
 
@@ -93,9 +94,14 @@ pub struct HostFacts {
     /// Release id to the venv its `.venv` links, for releases that have one.
     pub venv_links: HashMap<String, String>,
     pub venvs: BTreeSet<String>,
-    /// A complete release with this push's artifact, if one is already there.
+    /// Release id to the sha256 of the artifact its manifest names.
+    pub artifacts: HashMap<String, String>,
+    /// A complete release with this push's artifact, if one is already there; set by the push
+    /// from [`HostFacts::release_with_artifact`].
     pub existing: Option<String>,
     pub removed_partials: Vec<String>,
+    /// How long the host took to prepare the layout and read these facts.
+    pub prepare_ms: u64,
     pub history: History,
     pub can_sudo: bool,
     pub unit_load_state: String,
@@ -141,7 +147,12 @@ impl HostFacts {
                 "venv" => {
                     facts.venvs.insert(value);
                 }
-                "existing" => facts.existing = Some(value),
+                "artifact" => {
+                    if let Some((id, sha)) = value.split_once(' ') {
+                        facts.artifacts.insert(id.to_string(), sha.to_string());
+                    }
+                }
+                "took_ms" => facts.prepare_ms = value.parse().unwrap_or(0),
                 "removed" => facts.removed_partials.push(value),
                 "sudo" => facts.can_sudo = value == "ok",
                 "unit_load" => facts.unit_load_state = value,
@@ -149,6 +160,19 @@ impl HostFacts {
             }
         }
         facts
+    }
+
+    /// The newest complete release built from the artifact `sha256`. Release ids end with the
+    /// artifact's short sha, so a release renamed by hand is not taken for it.
+    pub fn release_with_artifact(&self, sha256: &str) -> Option<String> {
+        let suffix = format!("-{}", &sha256[..8.min(sha256.len())]);
+        self.releases
+            .iter()
+            .rev()
+            .find(|id| {
+                id.ends_with(&suffix) && self.artifacts.get(*id).map(String::as_str) == Some(sha256)
+            })
+            .cloned()
     }
 }
 
@@ -306,7 +330,6 @@ impl<'a> Context<'a> {
         }
     }
 
-    /// Takes the deploy lock, retrying once a second until `--lock-wait` runs out.
     /// The record written beside the lock while this deploy holds it.
     pub fn holder_record(&self) -> String {
         serde_json::json!({
@@ -320,29 +343,33 @@ impl<'a> Context<'a> {
         .to_string()
     }
 
+    /// Takes the deploy lock, retrying once a second until `--lock-wait` runs out, and returns
+    /// it with the facts the holder read from the host once it held the lock.
     pub async fn lock(
         &mut self,
         session: &Session,
         wait: Option<Duration>,
-    ) -> Result<DeployLock, Error> {
+    ) -> Result<(DeployLock, HostFacts), Error> {
         self.reporter.start_step("lock");
         let started = Instant::now();
         let holder = self.holder_record();
         let deadline = wait.map(|wait| started + wait);
         loop {
-            let attempt =
-                DeployLock::try_acquire(session, self.layout(), &holder, self.plan.step_deadline())
-                    .await;
+            let attempt = DeployLock::try_acquire(
+                session,
+                self.layout(),
+                &holder,
+                &self.plan.config.unit,
+                self.plan.step_deadline(),
+            )
+            .await;
             match attempt {
-                Ok(Attempt::Acquired(lock)) => {
-                    let waited = started.elapsed().as_secs();
-                    let detail = if waited > 0 {
-                        format!("acquired after {waited}s")
-                    } else {
-                        String::new()
-                    };
-                    self.local_step("lock", started, true, detail);
-                    return Ok(lock);
+                Ok(Attempt::Acquired { lock, facts }) => {
+                    let facts = self.report_prepared(started, &facts);
+                    return Ok((lock, facts));
+                }
+                Ok(Attempt::PrepareFailed(message)) => {
+                    return Err(self.report_prepare_failure(started, message));
                 }
                 Ok(Attempt::Taken(record)) => {
                     let holder = describe_holder(&record);
@@ -375,32 +402,63 @@ impl<'a> Context<'a> {
         }
     }
 
-    /// Runs `prepare` and parses what it prints.
-    pub async fn prepare(
-        &mut self,
-        session: &Session,
-        artifact_sha256: &str,
-    ) -> Result<HostFacts, Error> {
-        let command = remote::prepare(self.layout(), artifact_sha256, &self.plan.config.unit);
-        let output = self
-            .remote_step(
-                session,
-                "prepare",
-                &command,
-                self.plan.step_deadline(),
-                |output| {
-                    let facts = HostFacts::parse(&output.stdout_text());
-                    let live = facts.live.unwrap_or_else(|| "none".to_string());
-                    format!("python {}, live release {live}", facts.python_version)
-                },
-            )
-            .await?;
-        let facts = HostFacts::parse(&output.stdout_text());
+    /// Reports the `lock` and `prepare` steps of a lock attempt that started at `started` and
+    /// succeeded, and parses the facts its holder printed. The holder prepares the host right
+    /// after it gets the lock, so the time it reports for that is the `prepare` step's.
+    pub fn report_prepared(&mut self, started: Instant, facts_text: &str) -> HostFacts {
+        let facts = HostFacts::parse(facts_text);
+        let total = started.elapsed().as_millis() as u64;
+        let prepare_ms = facts.prepare_ms.min(total);
+        let waited = started.elapsed().as_secs();
+        self.reporter.finish_step(StepRecord {
+            name: "lock".to_string(),
+            exit_code: None,
+            duration_ms: total - prepare_ms,
+            ok: true,
+            detail: if waited > 0 {
+                format!("acquired after {waited}s")
+            } else {
+                String::new()
+            },
+            stderr_tail: String::new(),
+        });
+        self.reporter.start_step("prepare");
+        let live = facts.live.clone().unwrap_or_else(|| "none".to_string());
+        self.reporter.finish_step(StepRecord {
+            name: "prepare".to_string(),
+            exit_code: None,
+            duration_ms: prepare_ms,
+            ok: true,
+            detail: format!("python {}, live release {live}", facts.python_version),
+            stderr_tail: String::new(),
+        });
         for partial in &facts.removed_partials {
             self.reporter
                 .note(&format!("removed {partial}, left by an interrupted push"));
         }
-        Ok(facts)
+        facts
+    }
+
+    /// Reports a lock attempt whose holder got the lock but failed to prepare the host, and
+    /// returns the error that ends the deploy. The holder has exited, so the lock is free.
+    pub fn report_prepare_failure(&mut self, started: Instant, message: String) -> Error {
+        self.local_step("lock", started, true, String::new());
+        self.reporter.start_step("prepare");
+        self.reporter.finish_step(StepRecord {
+            name: "prepare".to_string(),
+            exit_code: Some(remote::facts::PREPARE_FAILED),
+            duration_ms: 0,
+            ok: false,
+            detail: String::new(),
+            stderr_tail: message.clone(),
+        });
+        Error::StepFailed {
+            step: "prepare".to_string(),
+            message: format!(
+                "{message}; check that user `{}` may create {} on the host",
+                self.plan.config.user, self.plan.config.path
+            ),
+        }
     }
 
     /// Appends an event to the release log. A failure here is reported but does not undo the deploy.
@@ -539,6 +597,24 @@ mod tests {
         );
         assert!(facts.can_sudo);
         assert!(facts.history.events.is_empty());
+    }
+
+    #[test]
+    fn existing_release_needs_matching_artifact_and_id() {
+        let sha = format!("3f9a1c2e{}", "0".repeat(56));
+        let other = format!("3f9a1c2e{}", "1".repeat(56));
+        let output = format!(
+            "release=20261204T150102Z-3f9a1c2e \nartifact=20261204T150102Z-3f9a1c2e {other}\n\
+             release=20261204T160000Z-3f9a1c2e \nartifact=20261204T160000Z-3f9a1c2e {sha}\n\
+             release=renamed \nartifact=renamed {sha}\ntook_ms=12\n"
+        );
+        let facts = HostFacts::parse(&output);
+        assert_eq!(facts.prepare_ms, 12);
+        assert_eq!(
+            facts.release_with_artifact(&sha).as_deref(),
+            Some("20261204T160000Z-3f9a1c2e")
+        );
+        assert_eq!(facts.release_with_artifact(&"0".repeat(64)), None);
     }
 
     #[test]

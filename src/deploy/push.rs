@@ -52,6 +52,7 @@ async fn scan_while_connecting(
     let plan = ctx.plan;
     let holder = ctx.holder_record();
     let layout = ctx.layout().clone();
+    let unit = plan.config.unit.clone();
     let connect_started = Instant::now();
     // The lock needs no artifact, so the first attempt to take it also runs during the scan.
     let connecting = async {
@@ -61,7 +62,8 @@ async fn scan_while_connecting(
             Ok(session) => {
                 let started = Instant::now();
                 let attempt =
-                    DeployLock::try_acquire(session, &layout, &holder, plan.step_deadline()).await;
+                    DeployLock::try_acquire(session, &layout, &holder, &unit, plan.step_deadline())
+                        .await;
                 Some((started, attempt))
             }
             Err(_) => None,
@@ -91,7 +93,7 @@ async fn scan_while_connecting(
     let artifact = match checked {
         Ok(artifact) => artifact,
         Err(error) => {
-            if let Some((_, Ok(Attempt::Acquired(lock)))) = lock {
+            if let Some((_, Ok(Attempt::Acquired { lock, .. }))) = lock {
                 lock.release().await;
             }
             if let Ok(session) = result {
@@ -168,17 +170,24 @@ pub async fn run(ctx: &mut Context<'_>, options: &DeployOptions) -> Result<(), E
         return Ok(());
     }
     let (artifact, session, early_lock) = scan_while_connecting(ctx).await?;
-    let lock = match early_lock {
-        Some((started, Ok(Attempt::Acquired(lock)))) => {
+    let (lock, mut facts) = match early_lock {
+        Some((started, Ok(Attempt::Acquired { lock, facts }))) => {
             ctx.reporter.start_step("lock");
-            ctx.local_step("lock", started, true, String::new());
-            lock
+            let facts = ctx.report_prepared(started, &facts);
+            (lock, facts)
+        }
+        Some((started, Ok(Attempt::PrepareFailed(message)))) => {
+            ctx.reporter.start_step("lock");
+            let error = ctx.report_prepare_failure(started, message);
+            session.close().await;
+            return Err(error);
         }
         // Held by another deploy, or the attempt failed: the normal path waits with
         // --lock-wait, or reports the holder or the error.
         _ => ctx.lock(&session, options.lock_wait).await?,
     };
-    let result = push_locked(ctx, &session, &artifact, options).await;
+    facts.existing = facts.release_with_artifact(&artifact.manifest.sha256);
+    let result = push_locked(ctx, &session, &lock, &artifact, facts, options).await;
     lock.release().await;
     session.close().await;
     result
@@ -191,7 +200,8 @@ fn print_plan(ctx: &mut Context<'_>, artifact: &Artifact) {
     let mut steps = vec![
         format!("connect to {}", ctx.plan.display()),
         format!("lock {}", remote::lock::lock_path(&layout)),
-        "prepare: create the layout, read the live release and the release log".to_string(),
+        "prepare (with the lock): create the layout, read the live release and the release log"
+            .to_string(),
         format!(
             "upload {} files ({:.1} MB) into {}",
             artifact.manifest.file_count(),
@@ -230,10 +240,11 @@ fn print_plan(ctx: &mut Context<'_>, artifact: &Artifact) {
 async fn push_locked(
     ctx: &mut Context<'_>,
     session: &Session,
+    lock: &DeployLock,
     artifact: &Artifact,
+    facts: HostFacts,
     options: &DeployOptions,
 ) -> Result<(), Error> {
-    let facts = ctx.prepare(session, &artifact.manifest.sha256).await?;
     check_privileges(ctx, &facts)?;
     ctx.summary.previous_release = facts.live.clone();
     ctx.summary.venv_key = artifact.venv_key(&facts.python_version);
@@ -257,7 +268,7 @@ async fn push_locked(
 
     let interrupt = ctx.interrupt.clone();
     let prepared = tokio::select! {
-        result = prepare_release(ctx, session, artifact, &facts, &id, is_fresh) => result,
+        result = prepare_release(ctx, session, lock, artifact, &facts, &id, is_fresh) => result,
         _ = interrupt.wait() => Err(Error::Interrupted),
     };
     if let Err(error) = prepared {
@@ -491,6 +502,7 @@ fn check_privileges(ctx: &mut Context<'_>, facts: &HostFacts) -> Result<(), Erro
 async fn prepare_release(
     ctx: &mut Context<'_>,
     session: &Session,
+    lock: &DeployLock,
     artifact: &Artifact,
     facts: &HostFacts,
     id: &str,
@@ -502,7 +514,7 @@ async fn prepare_release(
         ctx.layout().release(id)
     };
     if is_fresh {
-        upload::send_release(ctx, session, artifact, facts, id).await?;
+        upload::send_release(ctx, session, artifact, facts, lock, id).await?;
     } else {
         ctx.local_step(
             "upload",

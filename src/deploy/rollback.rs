@@ -2,7 +2,7 @@
 
 use super::activate;
 use super::push::finish_activation;
-use super::{Context, DeployOptions};
+use super::{Context, DeployOptions, HostFacts};
 use crate::error::Error;
 use crate::ssh::Session;
 
@@ -13,8 +13,8 @@ pub async fn run(
     to: Option<&str>,
 ) -> Result<(), Error> {
     let session = ctx.connect().await?;
-    let lock = ctx.lock(&session, options.lock_wait).await?;
-    let result = rollback_locked(ctx, &session, options, to).await;
+    let (lock, facts) = ctx.lock(&session, options.lock_wait).await?;
+    let result = rollback_locked(ctx, &session, facts, options, to).await;
     lock.release().await;
     session.close().await;
     result
@@ -23,11 +23,10 @@ pub async fn run(
 async fn rollback_locked(
     ctx: &mut Context<'_>,
     session: &Session,
+    facts: HostFacts,
     options: &DeployOptions,
     to: Option<&str>,
 ) -> Result<(), Error> {
-    // No artifact here: a sha of zeros matches no release, so `existing` stays empty.
-    let facts = ctx.prepare(session, &"0".repeat(64)).await?;
     let live = facts.live.clone();
     ctx.summary.previous_release = live.clone();
 

@@ -16,6 +16,7 @@ use super::{Context, HostFacts};
 use crate::archive::Manifest;
 use crate::error::Error;
 use crate::remote;
+use crate::remote::lock::{DeployLock, Linked};
 use crate::report::count;
 use crate::ssh::{Session, SshError, collect_output};
 
@@ -129,6 +130,7 @@ pub(super) async fn send_release(
     session: &Session,
     artifact: &Artifact,
     facts: &HostFacts,
+    lock: &DeployLock,
     id: &str,
 ) -> Result<(), Error> {
     let manifest = &artifact.manifest;
@@ -157,16 +159,23 @@ pub(super) async fn send_release(
     if delta.reuse.is_empty() {
         return upload(ctx, session, manifest, id, Some(&delta.send)).await;
     }
-    // The host links the unchanged files while the changed ones travel.
-    let command = remote::link_reused(ctx.layout(), &live, id);
-    let list = remote::reused_list(&delta.reuse);
+    // The lock holder links the unchanged files while the changed ones travel.
     let deadline = ctx.plan.config.timeouts.upload;
+    let into = ctx.layout().partial(id);
+    let from = ctx.layout().release(&live);
     let linking = async {
         let started = Instant::now();
-        let result = session.run(&command, Some(list.as_bytes()), deadline).await;
-        (result, started.elapsed())
+        let linked = tokio::time::timeout(deadline, lock.link_reused(&from, &into, &delta.reuse))
+            .await
+            .unwrap_or_else(|_| {
+                Err(SshError::Timeout {
+                    command: "hard-linking unchanged files".to_string(),
+                    seconds: deadline.as_secs(),
+                })
+            });
+        (linked, started.elapsed())
     };
-    let (uploaded, (result, took)) = tokio::join!(
+    let (uploaded, (linked, took)) = tokio::join!(
         upload(ctx, session, manifest, id, Some(&delta.send)),
         linking
     );
@@ -174,36 +183,39 @@ pub(super) async fn send_release(
     // Reported after the upload, with the time the linking itself took.
     let started = Instant::now() - took;
     ctx.reporter.start_step("reuse");
-    if let Ok(output) = &result
-        && output.exit_status == Some(3)
-    {
-        let mismatch = output
-            .stdout_text()
-            .trim()
-            .trim_start_matches("mismatch=")
-            .to_string();
-        ctx.local_step(
-            "reuse",
-            started,
-            true,
-            format!("{mismatch} differs from the manifest"),
-        );
-        ctx.reporter.note(&format!(
-            "live release {live} does not match its manifest ({mismatch}); sending every file"
-        ));
-        let discard = remote::discard(ctx.layout(), id);
-        session
-            .run(&discard, None, ctx.plan.step_deadline())
-            .await?;
-        return upload(ctx, session, manifest, id, None).await;
+    let failure = match linked {
+        Ok(Linked::All) => None,
+        Ok(Linked::Mismatch(path)) => {
+            ctx.local_step(
+                "reuse",
+                started,
+                true,
+                format!("{path} differs from the manifest"),
+            );
+            ctx.reporter.note(&format!(
+                "live release {live} does not match its manifest ({path}); sending every file"
+            ));
+            let discard = remote::discard(ctx.layout(), id);
+            session
+                .run(&discard, None, ctx.plan.step_deadline())
+                .await?;
+            return upload(ctx, session, manifest, id, None).await;
+        }
+        Ok(Linked::Failed(error)) => Some(error),
+        Err(error) => Some(error.to_string()),
+    };
+    if let Some(error) = failure {
+        ctx.local_step("reuse", started, false, error.clone());
+        return Err(Error::StepFailed {
+            step: "reuse".to_string(),
+            message: format!("hard-linking the unchanged files of {live} failed: {error}"),
+        });
     }
-    let reused = delta.reuse.len();
-    ctx.finish_remote_step("reuse", started, result, |_| {
-        format!(
-            "{} hard-linked from {live}",
-            count(reused, "unchanged file")
-        )
-    })?;
+    let detail = format!(
+        "{} hard-linked from {live}",
+        count(delta.reuse.len(), "unchanged file")
+    );
+    ctx.local_step("reuse", started, true, detail);
     Ok(())
 }
 

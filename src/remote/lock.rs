@@ -5,14 +5,17 @@
 //! RST) the holder also gives up when no heartbeat line arrived for [`HOLDER_TIMEOUT_SECONDS`], so no
 //! lock outlives its deployer and no force-unlock command is needed.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use russh::ChannelMsg;
 use russh::client::Msg;
+use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
-use super::{Layout, quote};
+use super::{Layout, facts, quote};
+use crate::archive::ReusedFile;
 use crate::ssh::{Session, SshError, short_command};
 
 /// How often the client sends a heartbeat line to the holder.
@@ -24,21 +27,83 @@ const HOLDER_TIMEOUT_SECONDS: u32 = 15;
 /// `flock`'s exit status when the lock is taken (its `-E` option).
 const LOCK_TAKEN: u32 = 75;
 
-/// The holder process: it records who holds the lock, reports `locked`, then reads heartbeats until
-/// EOF or a timeout.
-const HOLDER: &str = r#"import os, select, sys
-path, holder, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+/// Printed by the holder on a line of its own once it holds the lock and has printed the facts.
+const LOCKED_MARKER: &str = "---locked---";
+
+/// The holder's main part, appended to [`facts::script`]: it records who holds the lock, prepares
+/// the layout and prints the host's facts, prints [`LOCKED_MARKER`], then reads its stdin until
+/// EOF or until no line arrived for the timeout. An empty line is a heartbeat. A `link` request
+/// (see [`DeployLock::link_reused`]) gets a reply of one line on stdout.
+///
+/// A delta push's unchanged files are linked here, by a Python process that is already running,
+/// rather than by a new command: that saves a process start and a channel on the push's critical
+/// path. Each file must still have the size and mode its manifest gives, or the reply is
+/// `mismatch=PATH` and the push sends every file instead.
+const HOLDER: &str = r#"path, holder, timeout, root, unit = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
 with open(path + ".tmp", "w") as f:
     f.write(holder + "\n")
 os.replace(path + ".tmp", path)
-sys.stdout.write("locked\n")
-sys.stdout.flush()
+prepare_or_exit(root, unit)
+import collections, select, stat
+out = sys.stdout.buffer
+out.write(b"\n" + LOCKED_MARKER.encode() + b"\n")
+out.flush()
+lines, tail = collections.deque(), b""
+
+def next_line():
+    global tail
+    while not lines:
+        ready, _, _ = select.select([0], [], [], timeout)
+        if not ready:
+            sys.exit(3)
+        chunk = os.read(0, 1 << 16)
+        if not chunk:
+            return None
+        parts = (tail + chunk).split(b"\n")
+        tail = parts.pop()
+        lines.extend(parts)
+    return lines.popleft().decode("utf-8", "surrogateescape")
+
+def link_reused(old, new, entries):
+    os.makedirs(new, exist_ok=True)
+    old_fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY)
+    new_fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
+    made = set()
+    try:
+        for entry in entries:
+            name, size, mode = entry.split("\t")
+            try:
+                info = os.lstat(name, dir_fd=old_fd)
+            except OSError:
+                info = None
+            if info is None or not stat.S_ISREG(info.st_mode) or info.st_size != int(size) or stat.S_IMODE(info.st_mode) != int(mode, 8):
+                return "mismatch=" + name
+            parent = os.path.dirname(name)
+            if parent and parent not in made:
+                os.makedirs(os.path.join(new, parent), exist_ok=True)
+                made.add(parent)
+            os.link(name, name, src_dir_fd=old_fd, dst_dir_fd=new_fd, follow_symlinks=False)
+    finally:
+        os.close(old_fd)
+        os.close(new_fd)
+    return "linked=%d" % len(entries)
+
 while True:
-    ready, _, _ = select.select([0], [], [], timeout)
-    if not ready:
-        sys.exit(3)
-    if not os.read(0, 4096):
+    line = next_line()
+    if line is None:
         break
+    if not line.startswith("link\t"):
+        continue
+    _, old, new, count = line.split("\t")
+    entries = [next_line() for _ in range(int(count))]
+    if None in entries:
+        break
+    try:
+        reply = link_reused(old, new, entries)
+    except OSError as error:
+        reply = "failed=%s" % error
+    out.write(reply.encode("utf-8", "surrogateescape") + b"\n")
+    out.flush()
 "#;
 
 pub fn lock_path(layout: &Layout) -> String {
@@ -49,20 +114,29 @@ pub fn holder_path(layout: &Layout) -> String {
     format!("{}/lock.holder", layout.state())
 }
 
-/// Tries the lock once. On success the holder prints `locked` and keeps running; when another
-/// deploy holds it, the command prints that deploy's holder record and exits with [`LOCK_TAKEN`].
+/// Tries the lock once. On success the holder prepares the layout, prints the host's facts and
+/// [`LOCKED_MARKER`], and keeps running; when another deploy holds it, the command prints that
+/// deploy's holder record and exits with [`LOCK_TAKEN`].
 ///
 /// Only the process that got the lock writes the holder file, so a deployer that failed to get
 /// the lock never overwrites or releases someone else's.
-pub fn acquire_command(layout: &Layout, holder_json: &str) -> String {
+pub fn acquire_command(layout: &Layout, holder_json: &str, unit: &str) -> String {
     let holder_file = quote(&holder_path(layout));
+    let program = format!(
+        "{}LOCKED_MARKER = {LOCKED_MARKER:?}\n{HOLDER}",
+        facts::script()
+    );
     format!(
-        "mkdir -p -- {state} && flock -n -E {LOCK_TAKEN} {lock} python3 -c {script} {holder_file} {holder} {HOLDER_TIMEOUT_SECONDS}; \
+        "mkdir -p -- {state} || exit {prepare_failed}; \
+         flock -n -E {LOCK_TAKEN} {lock} python3 -c {program} {holder_file} {holder} {HOLDER_TIMEOUT_SECONDS} {root} {unit}; \
          status=$?; if [ $status -eq {LOCK_TAKEN} ]; then cat -- {holder_file} 2>/dev/null; fi; exit $status",
+        prepare_failed = facts::PREPARE_FAILED,
         state = quote(&layout.state()),
         lock = quote(&lock_path(layout)),
-        script = quote(HOLDER),
+        program = quote(&program),
         holder = quote(holder_json),
+        root = quote(&layout.root),
+        unit = quote(unit),
     )
 }
 
@@ -77,15 +151,60 @@ pub fn probe_command(layout: &Layout) -> String {
 
 /// Outcome of one attempt.
 pub enum Attempt {
-    Acquired(DeployLock),
+    /// The lock is held, and the text is the host's facts as [`facts::script`] prints them.
+    Acquired { lock: DeployLock, facts: String },
+    /// Creating the layout or reading the facts failed, or the state directory could not be made.
+    /// The text is the host's stderr. The holder has exited, so the lock is free again.
+    PrepareFailed(String),
     /// Another deploy holds the lock; the text is its holder record.
     Taken(String),
 }
 
 /// A held lock. Dropping it without [`DeployLock::release`] still frees it once the session ends.
 pub struct DeployLock {
-    writer: Arc<russh::ChannelWriteHalf<Msg>>,
+    /// Locked for each write, so a heartbeat never lands inside a request.
+    writer: Arc<Mutex<russh::ChannelWriteHalf<Msg>>>,
+    reader: Arc<Mutex<russh::ChannelReadHalf>>,
     heartbeat: JoinHandle<()>,
+}
+
+/// The holder's reply to a [`DeployLock::link_reused`] request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Linked {
+    /// Every file was linked.
+    All,
+    /// This file no longer has the size or mode its manifest gives, so linking stopped there.
+    Mismatch(String),
+    /// Creating a directory or a link failed with this error.
+    Failed(String),
+}
+
+impl Linked {
+    fn parse(reply: &str) -> Linked {
+        if let Some(path) = reply.strip_prefix("mismatch=") {
+            Linked::Mismatch(path.to_string())
+        } else if let Some(error) = reply.strip_prefix("failed=") {
+            Linked::Failed(error.to_string())
+        } else if reply.starts_with("linked=") {
+            Linked::All
+        } else {
+            Linked::Failed(format!("unexpected reply from the lock holder: {reply}"))
+        }
+    }
+}
+
+/// What the holder's output said before the lock was held, taken, or given up.
+enum Held {
+    ByUs(String),
+    ByOther(String),
+    NotPrepared(String),
+}
+
+/// Returns the facts once the output ends with the marker line, without that line.
+fn facts_before_marker(stdout: &[u8]) -> Option<String> {
+    let marker = format!("\n{LOCKED_MARKER}\n");
+    let facts = stdout.strip_suffix(marker.as_bytes())?;
+    Some(String::from_utf8_lossy(facts).into_owned())
 }
 
 impl DeployLock {
@@ -94,9 +213,10 @@ impl DeployLock {
         session: &Session,
         layout: &Layout,
         holder_json: &str,
+        unit: &str,
         deadline: Duration,
     ) -> Result<Attempt, SshError> {
-        let command = acquire_command(layout, holder_json);
+        let command = acquire_command(layout, holder_json, unit);
         let channel = session.open(&command).await?;
         let (mut reader, writer) = channel.split();
         let wait_for_holder = async {
@@ -106,19 +226,20 @@ impl DeployLock {
                 match message {
                     ChannelMsg::Data { data } => {
                         stdout.extend_from_slice(&data);
-                        // A host whose python3 prints a banner first still reports `locked`
-                        // on a line of its own.
-                        if stdout
-                            .split(|byte| *byte == b'\n')
-                            .any(|line| line == b"locked")
-                            && stdout.ends_with(b"\n")
-                        {
-                            return Ok(None);
+                        if let Some(facts) = facts_before_marker(&stdout) {
+                            return Ok(Held::ByUs(facts));
                         }
                     }
                     ChannelMsg::ExtendedData { data, .. } => stderr.extend_from_slice(&data),
                     ChannelMsg::ExitStatus { exit_status } if exit_status == LOCK_TAKEN => {
-                        return Ok(Some(String::from_utf8_lossy(&stdout).trim().to_string()));
+                        let record = String::from_utf8_lossy(&stdout).trim().to_string();
+                        return Ok(Held::ByOther(record));
+                    }
+                    ChannelMsg::ExitStatus { exit_status }
+                        if exit_status == facts::PREPARE_FAILED =>
+                    {
+                        let message = String::from_utf8_lossy(&stderr).trim().to_string();
+                        return Ok(Held::NotPrepared(message));
                     }
                     ChannelMsg::ExitStatus { exit_status } => {
                         return Err(SshError::LockFailed {
@@ -139,31 +260,88 @@ impl DeployLock {
                 command: "flock (deploy lock)".to_string(),
                 seconds: deadline.as_secs(),
             })??;
-        if let Some(holder) = holder {
-            return Ok(Attempt::Taken(holder));
-        }
+        let facts = match holder {
+            Held::ByUs(facts) => facts,
+            Held::ByOther(record) => return Ok(Attempt::Taken(record)),
+            Held::NotPrepared(message) => return Ok(Attempt::PrepareFailed(message)),
+        };
 
-        let writer = Arc::new(writer);
+        let writer = Arc::new(Mutex::new(writer));
+        let reader = Arc::new(Mutex::new(reader));
         let heartbeat_writer = writer.clone();
+        // The task keeps the reader alive too: dropping it would stop the channel's message flow.
+        let kept_reader = reader.clone();
         let heartbeat = tokio::spawn(async move {
-            // Keep the reader alive too: dropping it would stop the channel's message flow.
-            let _reader = reader;
+            let _reader = kept_reader;
             let mut ticks = tokio::time::interval(HEARTBEAT_INTERVAL);
             loop {
                 ticks.tick().await;
-                if heartbeat_writer.data_bytes(&b"\n"[..]).await.is_err() {
+                let sent = heartbeat_writer.lock().await.data_bytes(&b"\n"[..]).await;
+                if sent.is_err() {
                     break;
                 }
             }
         });
-        Ok(Attempt::Acquired(DeployLock { writer, heartbeat }))
+        Ok(Attempt::Acquired {
+            lock: DeployLock {
+                writer,
+                reader,
+                heartbeat,
+            },
+            facts,
+        })
+    }
+
+    /// Asks the holder to hard-link `files` of the release directory `from` into `into`, creating
+    /// the directories they need, and waits for the reply.
+    ///
+    /// Hard links cost no copy, but the releases then share those files' inodes: an app that
+    /// rewrites a file of its release in place changes it in the earlier release too. Writes that
+    /// replace a file (write a new one, then rename) leave the other release alone.
+    pub async fn link_reused(
+        &self,
+        from: &str,
+        into: &str,
+        files: &[ReusedFile],
+    ) -> Result<Linked, SshError> {
+        let request = link_request(from, into, files);
+        let lost = || SshError::ConnectionLost {
+            command: "hard-linking in the lock holder".to_string(),
+        };
+        let mut reader = self.reader.lock().await;
+        self.writer
+            .lock()
+            .await
+            .data_bytes(request.into_bytes())
+            .await
+            .map_err(|_| lost())?;
+        let mut reply = Vec::new();
+        while let Some(message) = reader.wait().await {
+            if let ChannelMsg::Data { data } = message {
+                reply.extend_from_slice(&data);
+                if let Some(line) = reply.strip_suffix(b"\n") {
+                    return Ok(Linked::parse(&String::from_utf8_lossy(line)));
+                }
+            }
+        }
+        Err(lost())
     }
 
     /// Frees the lock by closing the holder's stdin.
     pub async fn release(self) {
         self.heartbeat.abort();
-        let _ = self.writer.eof().await;
+        let _ = self.writer.lock().await.eof().await;
     }
+}
+
+/// Formats a `link` request: a header line with the two directories and the file count, then one
+/// `path\tsize\tmode` line per file, the mode in octal.
+fn link_request(from: &str, into: &str, files: &[ReusedFile]) -> String {
+    let mut request = format!("link\t{from}\t{into}\t{}\n", files.len());
+    for file in files {
+        let _ = writeln!(request, "{}\t{}\t{:o}", file.path, file.size, file.mode);
+    }
+    request
 }
 
 #[cfg(test)]
@@ -172,13 +350,51 @@ mod tests {
 
     #[test]
     fn acquire_writes_holder_only_after_flock() {
-        let command = acquire_command(&Layout::new("/srv/app"), r#"{"user":"ci"}"#);
+        let command = acquire_command(
+            &Layout::new("/srv/app"),
+            r#"{"user":"ci"}"#,
+            "webapp.service",
+        );
         let flock = command
             .find("flock -n -E 75 /srv/app/.crucible/lock python3")
             .unwrap();
         let holder = command.find(r#"'{"user":"ci"}'"#).unwrap();
         assert!(flock < holder);
         assert!(command.ends_with("exit $status"));
+    }
+
+    #[test]
+    fn link_request_lists_octal_modes() {
+        let files = [
+            ReusedFile {
+                path: "app.py".to_string(),
+                size: 858,
+                mode: 0o644,
+            },
+            ReusedFile {
+                path: "bin/run".to_string(),
+                size: 12,
+                mode: 0o755,
+            },
+        ];
+        assert_eq!(
+            link_request(
+                "/srv/app/releases/r1",
+                "/srv/app/releases/r2.partial",
+                &files
+            ),
+            "link\t/srv/app/releases/r1\t/srv/app/releases/r2.partial\t2\napp.py\t858\t644\nbin/run\t12\t755\n"
+        );
+    }
+
+    #[test]
+    fn holder_replies_parse() {
+        assert_eq!(Linked::parse("linked=3"), Linked::All);
+        assert_eq!(
+            Linked::parse("mismatch=app.py"),
+            Linked::Mismatch("app.py".to_string())
+        );
+        assert!(matches!(Linked::parse("garbage"), Linked::Failed(_)));
     }
 
     #[test]

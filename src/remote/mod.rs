@@ -3,12 +3,11 @@
 //! Every value that reaches the host's shell passes through [`quote`]; nothing is interpolated by
 //! hand. The host needs only sh, coreutils, tar, flock, python3 and systemd.
 
+pub mod facts;
 pub mod health;
 pub mod lock;
 
 use std::fmt::Write as _;
-
-use crate::archive::MANIFEST_NAME;
 
 /// Quotes one argument for a POSIX shell.
 ///
@@ -80,140 +79,6 @@ impl Layout {
 
 /// Marker written into a venv after its last package installed: a venv without it is half-built.
 pub const VENV_COMPLETE: &str = ".crucible-complete";
-
-/// Creates the layout, removes releases left `.partial` by an interrupted push, and prints the
-/// facts later steps need as `key=value` lines, then the release log.
-///
-/// Run under the deploy lock, so no other push can be writing a `.partial` directory.
-pub fn prepare(layout: &Layout, artifact_sha256: &str, unit: &str) -> String {
-    let mut script = String::from("set -e\n");
-    let _ = writeln!(
-        script,
-        "mkdir -p -- {releases} {venvs} {shared} {state}",
-        releases = quote(&layout.releases()),
-        venvs = quote(&layout.venvs()),
-        shared = quote(&layout.shared()),
-        state = quote(&layout.state()),
-    );
-    let _ = writeln!(
-        script,
-        "for dir in {}/*.partial; do if [ -e \"$dir\" ]; then rm -rf -- \"$dir\"; echo \"removed=${{dir##*/}}\"; fi; done",
-        quote(&layout.releases()),
-    );
-    script.push_str(&inventory(layout, artifact_sha256, unit));
-    script
-}
-
-/// Prints what is on the host without changing anything: the user, Python, the live release, the
-/// complete releases with their venv links, the venvs, and the release log after [`LOG_MARKER`].
-pub fn inventory(layout: &Layout, artifact_sha256: &str, unit: &str) -> String {
-    let root = quote(&layout.root);
-    let releases = quote(&layout.releases());
-    let short = &artifact_sha256[..8];
-    let mut script = String::new();
-    script.push_str("echo \"uid=$(id -u)\"\n");
-    script.push_str("echo \"python=$(python3 -V 2>&1 | cut -d ' ' -f 2)\"\n");
-    script.push_str("if command -v uv >/dev/null 2>&1; then echo uv=yes; fi\n");
-    let _ = writeln!(
-        script,
-        "if [ \"$(id -u)\" = 0 ] || sudo -n -l systemctl restart -- {unit} >/dev/null 2>&1; then echo sudo=ok; else echo sudo=missing; fi",
-        unit = quote(unit),
-    );
-    let _ = writeln!(
-        script,
-        "echo \"unit_load=$(systemctl show --property=LoadState --value -- {} 2>/dev/null || true)\"",
-        quote(unit),
-    );
-    let _ = writeln!(
-        script,
-        "echo \"current=$(readlink -- {root}/current || true)\""
-    );
-    let _ = writeln!(
-        script,
-        "for dir in {releases}/*; do if [ -f \"$dir/{MANIFEST_NAME}\" ]; then echo \"release=${{dir##*/}} $(readlink -- \"$dir/.venv\" || true)\"; fi; done"
-    );
-    let _ = writeln!(
-        script,
-        "for dir in {releases}/*-{short}; do if [ -f \"$dir/{MANIFEST_NAME}\" ] && [ \"$(head -n 1 -- \"$dir/{MANIFEST_NAME}\")\" = {header} ]; then echo \"existing=${{dir##*/}}\"; fi; done",
-        header = quote(&format!("# crucible manifest v1 {artifact_sha256}")),
-    );
-    let _ = writeln!(
-        script,
-        "for dir in {venvs}/*; do if [ -d \"$dir\" ]; then echo \"venv=${{dir##*/}}\"; fi; done",
-        venvs = quote(&layout.venvs()),
-    );
-    let _ = writeln!(script, "echo {LOG_MARKER}");
-    let _ = writeln!(
-        script,
-        "cat -- {} 2>/dev/null || true",
-        quote(&layout.log())
-    );
-    let _ = writeln!(script, "echo {MANIFEST_MARKER}");
-    let _ = writeln!(
-        script,
-        "cat -- {root}/current/{MANIFEST_NAME} 2>/dev/null || true"
-    );
-    script
-}
-
-/// Line of `inventory`'s output after which the live release's manifest follows verbatim.
-pub const MANIFEST_MARKER: &str = "---live-manifest---";
-
-/// Hard-links files of an earlier release into a new one. Reads `path\tsize\tmode` lines on stdin
-/// and checks that each file still has that size and mode before linking it. On the first
-/// mismatch it prints `mismatch=PATH` and exits 3, so the caller can fall back to a full upload.
-/// It creates the directories it needs, because it runs while `tar` unpacks the changed files
-/// into the same tree; `tar` then sets those directories' modes from the archive.
-const LINK_REUSED: &str = r#"import os, stat, sys
-old, new = sys.argv[1], sys.argv[2]
-os.makedirs(new, exist_ok=True)
-old_fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY)
-new_fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
-made = set()
-count = 0
-for line in sys.stdin:
-    path, size, mode = line.rstrip("\n").split("\t")
-    try:
-        info = os.lstat(path, dir_fd=old_fd)
-    except OSError:
-        info = None
-    if info is None or not stat.S_ISREG(info.st_mode) or info.st_size != int(size) or stat.S_IMODE(info.st_mode) != int(mode, 8):
-        print("mismatch=" + path)
-        sys.exit(3)
-    parent = os.path.dirname(path)
-    if parent and parent not in made:
-        os.makedirs(os.path.join(new, parent), exist_ok=True)
-        made.add(parent)
-    os.link(path, path, src_dir_fd=old_fd, dst_dir_fd=new_fd, follow_symlinks=False)
-    count += 1
-print("linked=%d" % count)
-"#;
-
-/// Links the unchanged files of release `from` into the `.partial` directory of `id`.
-///
-/// Hard links cost no copy, but the releases then share those files' inodes: an app that
-/// rewrites a file of its release in place changes it in the earlier release too. Writes that
-/// replace a file (write a new one, then rename) leave the other release alone.
-pub fn link_reused(layout: &Layout, from: &str, id: &str) -> String {
-    format!(
-        "python3 -c {} {} {}",
-        quote(LINK_REUSED),
-        quote(&layout.release(from)),
-        quote(&layout.partial(id))
-    )
-}
-
-/// Formats the stdin of [`link_reused`]: one `path\tsize\tmode` line per file.
-pub fn reused_list(files: &[crate::archive::ReusedFile]) -> String {
-    let mut text = String::new();
-    for file in files {
-        let _ = writeln!(text, "{}\t{}\t{:o}", file.path, file.size, file.mode);
-    }
-    text
-}
-
-/// Line of `prepare`'s output after which the release log follows verbatim.
-pub const LOG_MARKER: &str = "---releases.jsonl---";
 
 /// Unpacks the tar.gz arriving on stdin into the `.partial` directory, which the concurrent
 /// hard-link step may already have created. `prepare` removed any older one under the lock.
@@ -368,6 +233,16 @@ pub fn switch_current(layout: &Layout, id: &str) -> String {
     )
 }
 
+/// Line that [`switch_then_restart`] prints once `current` points at the new release.
+pub const SWITCHED: &str = "switched";
+
+/// Runs `switch` and, only when it succeeds, prints [`SWITCHED`] and runs `restart`, as one
+/// command. The shell ignores SIGPIPE, so a client that dies after sending it does not stop it
+/// between the two; it exits with the failing part's status.
+pub fn switch_then_restart(switch: &str, restart: &str) -> String {
+    format!("trap '' PIPE; {{ {switch}; }} || exit $?; echo {SWITCHED}; {restart}")
+}
+
 /// Restarts the unit after clearing its start rate limit with `reset-failed`.
 ///
 /// systemd refuses a start after `StartLimitBurst` starts (5 by default) within
@@ -375,14 +250,21 @@ pub fn switch_current(layout: &Layout, id: &str) -> String {
 /// without the reset the restart of the previous release during a rollback could be refused.
 /// The reset may fail quietly, for a deploy user whose sudo rule lacks it, and the restart runs
 /// either way.
+///
+/// It first prints `restarts_before=N`, the unit's restart count before this restart, which the
+/// health gate compares against; reading it here saves a round trip.
 pub fn restart(unit: &str, is_root: bool) -> String {
     let sudo = privilege(is_root);
     let unit = quote(unit);
     format!(
-        "{sudo}systemctl restart -- {unit} || \
+        "echo \"{RESTARTS_BEFORE}=$(systemctl show --property=NRestarts --value -- {unit})\"; \
+         {sudo}systemctl restart -- {unit} || \
          {{ {sudo}systemctl reset-failed -- {unit} 2>/dev/null; {sudo}systemctl restart -- {unit}; }}"
     )
 }
+
+/// The key of the line in [`restart`]'s output that carries the earlier restart count.
+pub const RESTARTS_BEFORE: &str = "restarts_before";
 
 /// Returns a command that prints the unit's state as `key=value` lines, without privileges.
 pub fn unit_state(unit: &str) -> String {
@@ -498,15 +380,30 @@ mod tests {
 
     #[test]
     fn restart_uses_sudo_only_for_non_root() {
+        let count = "echo \"restarts_before=$(systemctl show --property=NRestarts --value -- \
+                     webapp.service)\"; ";
         assert_eq!(
             restart("webapp.service", true),
-            "systemctl restart -- webapp.service || { systemctl reset-failed -- webapp.service \
-             2>/dev/null; systemctl restart -- webapp.service; }"
+            format!(
+                "{count}systemctl restart -- webapp.service || {{ systemctl reset-failed -- \
+                 webapp.service 2>/dev/null; systemctl restart -- webapp.service; }}"
+            )
         );
         assert_eq!(
             restart("webapp.service", false),
-            "sudo -n systemctl restart -- webapp.service || { sudo -n systemctl reset-failed -- \
-             webapp.service 2>/dev/null; sudo -n systemctl restart -- webapp.service; }"
+            format!(
+                "{count}sudo -n systemctl restart -- webapp.service || {{ sudo -n systemctl \
+                 reset-failed -- webapp.service 2>/dev/null; sudo -n systemctl restart -- \
+                 webapp.service; }}"
+            )
+        );
+    }
+
+    #[test]
+    fn restart_runs_only_after_a_switch() {
+        assert_eq!(
+            switch_then_restart("mv a b", "systemctl restart -- u"),
+            "trap '' PIPE; { mv a b; } || exit $?; echo switched; systemctl restart -- u"
         );
     }
 

@@ -16,6 +16,10 @@ use russh::{Channel, ChannelMsg, cipher};
 use thiserror::Error;
 use tracing::{debug, warn};
 
+mod socket;
+
+use socket::AckingStream;
+
 /// How long the client waits between keepalives when the server sends nothing, and how many
 /// unanswered ones end the session. A quiet pip install stays alive; a silently dropped link ends
 /// the session after about `KEEPALIVE_INTERVAL * (KEEPALIVE_MAX + 1)`.
@@ -383,7 +387,7 @@ impl Session {
         })?;
         socket.set_nodelay(true).ok();
 
-        let handshake = client::connect_stream(config, socket, check);
+        let handshake = client::connect_stream(config, AckingStream::new(socket), check);
         let result = tokio::time::timeout(target.connect_timeout, handshake)
             .await
             .map_err(|_| SshError::ConnectTimeout {
