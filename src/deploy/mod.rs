@@ -360,6 +360,7 @@ impl<'a> Context<'a> {
                 self.layout(),
                 &holder,
                 &self.plan.config.unit,
+                self.plan.config.unit_file.is_none(),
                 self.plan.step_deadline(),
             )
             .await;

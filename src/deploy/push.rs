@@ -53,6 +53,7 @@ async fn scan_while_connecting(
     let holder = ctx.holder_record();
     let layout = ctx.layout().clone();
     let unit = plan.config.unit.clone();
+    let check_unit = plan.config.unit_file.is_none();
     let connect_started = Instant::now();
     // The lock needs no artifact, so the first attempt to take it also runs during the scan.
     let connecting = async {
@@ -61,9 +62,15 @@ async fn scan_while_connecting(
         let lock = match &result {
             Ok(session) => {
                 let started = Instant::now();
-                let attempt =
-                    DeployLock::try_acquire(session, &layout, &holder, &unit, plan.step_deadline())
-                        .await;
+                let attempt = DeployLock::try_acquire(
+                    session,
+                    &layout,
+                    &holder,
+                    &unit,
+                    check_unit,
+                    plan.step_deadline(),
+                )
+                .await;
                 Some((started, attempt))
             }
             Err(_) => None,

@@ -40,29 +40,31 @@ const LOCKED_MARKER: &str = "---locked---";
 /// path. Each file must still have the size and mode its manifest gives, or the reply is
 /// `mismatch=PATH` and the push sends every file instead.
 const HOLDER: &str = r#"path, holder, timeout, root, unit = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
+check_unit = sys.argv[6] == "1"
 with open(path + ".tmp", "w") as f:
     f.write(holder + "\n")
 os.replace(path + ".tmp", path)
-prepare_or_exit(root, unit)
-import collections, select, stat
+prepare_or_exit(root, unit, check_unit)
+import select, stat
 out = sys.stdout.buffer
 out.write(b"\n" + LOCKED_MARKER.encode() + b"\n")
 out.flush()
-lines, tail = collections.deque(), b""
+lines, position, tail = [], 0, b""
 
 def next_line():
-    global tail
-    while not lines:
+    global lines, position, tail
+    while position == len(lines):
         ready, _, _ = select.select([0], [], [], timeout)
         if not ready:
             sys.exit(3)
         chunk = os.read(0, 1 << 16)
         if not chunk:
             return None
-        parts = (tail + chunk).split(b"\n")
-        tail = parts.pop()
-        lines.extend(parts)
-    return lines.popleft().decode("utf-8", "surrogateescape")
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        position = 0
+    position += 1
+    return lines[position - 1].decode("utf-8", "surrogateescape")
 
 def link_reused(old, new, entries):
     os.makedirs(new, exist_ok=True)
@@ -120,7 +122,10 @@ pub fn holder_path(layout: &Layout) -> String {
 ///
 /// Only the process that got the lock writes the holder file, so a deployer that failed to get
 /// the lock never overwrites or releases someone else's.
-pub fn acquire_command(layout: &Layout, holder_json: &str, unit: &str) -> String {
+///
+/// With `check_unit` the facts include the unit's load state, which a push needs only when it
+/// does not install the unit file itself.
+pub fn acquire_command(layout: &Layout, holder_json: &str, unit: &str, check_unit: bool) -> String {
     let holder_file = quote(&holder_path(layout));
     let program = format!(
         "{}LOCKED_MARKER = {LOCKED_MARKER:?}\n{HOLDER}",
@@ -128,7 +133,7 @@ pub fn acquire_command(layout: &Layout, holder_json: &str, unit: &str) -> String
     );
     format!(
         "mkdir -p -- {state} || exit {prepare_failed}; \
-         flock -n -E {LOCK_TAKEN} {lock} python3 -c {program} {holder_file} {holder} {HOLDER_TIMEOUT_SECONDS} {root} {unit}; \
+         flock -n -E {LOCK_TAKEN} {lock} python3 -I -S -c {program} {holder_file} {holder} {HOLDER_TIMEOUT_SECONDS} {root} {unit} {check_unit}; \
          status=$?; if [ $status -eq {LOCK_TAKEN} ]; then cat -- {holder_file} 2>/dev/null; fi; exit $status",
         prepare_failed = facts::PREPARE_FAILED,
         state = quote(&layout.state()),
@@ -137,6 +142,7 @@ pub fn acquire_command(layout: &Layout, holder_json: &str, unit: &str) -> String
         holder = quote(holder_json),
         root = quote(&layout.root),
         unit = quote(unit),
+        check_unit = u8::from(check_unit),
     )
 }
 
@@ -214,9 +220,10 @@ impl DeployLock {
         layout: &Layout,
         holder_json: &str,
         unit: &str,
+        check_unit: bool,
         deadline: Duration,
     ) -> Result<Attempt, SshError> {
-        let command = acquire_command(layout, holder_json, unit);
+        let command = acquire_command(layout, holder_json, unit, check_unit);
         let channel = session.open(&command).await?;
         let (mut reader, writer) = channel.split();
         let wait_for_holder = async {
@@ -354,9 +361,10 @@ mod tests {
             &Layout::new("/srv/app"),
             r#"{"user":"ci"}"#,
             "webapp.service",
+            true,
         );
         let flock = command
-            .find("flock -n -E 75 /srv/app/.crucible/lock python3")
+            .find("flock -n -E 75 /srv/app/.crucible/lock python3 -I -S -c")
             .unwrap();
         let holder = command.find(r#"'{"user":"ci"}'"#).unwrap();
         assert!(flock < holder);
