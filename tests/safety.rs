@@ -347,7 +347,7 @@ fn killed_client_leaves_host_recoverable() {
 
     // Killed as soon as the switch step is reported, before the health gate can finish. The
     // switch and the restart are one remote command, so the host restarts the unit on the new
-    // release without the client; the push that follows still has to run the gate, because no
+    // release without the client. The push that follows still has to run the gate, because no
     // gate ever passed for this release.
     project.write_file("VERSION", "after the switch\n");
     let mut running = project.spawn_crucible(&["push", "test"]);

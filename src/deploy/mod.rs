@@ -96,7 +96,7 @@ pub struct HostFacts {
     pub venvs: BTreeSet<String>,
     /// Release id to the sha256 of the artifact its manifest names.
     pub artifacts: HashMap<String, String>,
-    /// A complete release with this push's artifact, if one is already there; set by the push
+    /// A complete release with this push's artifact, if one is already there. The push sets it
     /// from [`HostFacts::release_with_artifact`].
     pub existing: Option<String>,
     pub removed_partials: Vec<String>,
@@ -162,8 +162,8 @@ impl HostFacts {
         facts
     }
 
-    /// The newest complete release built from the artifact `sha256`. Release ids end with the
-    /// artifact's short sha, so a release renamed by hand is not taken for it.
+    /// Returns the newest complete release built from the artifact `sha256`. Release ids end with
+    /// the artifact's short sha, so a release renamed by hand is not taken for it.
     pub fn release_with_artifact(&self, sha256: &str) -> Option<String> {
         let suffix = format!("-{}", &sha256[..8.min(sha256.len())]);
         self.releases

@@ -1,4 +1,4 @@
-//! What crucible reads from a host before it changes anything: the user, Python, the live release,
+//! The host's state as crucible reads it before it changes anything: the user, Python, the live release,
 //! the complete releases with their venv links and artifacts, the venvs, the release log and the
 //! live release's manifest.
 //!
@@ -25,7 +25,7 @@ pub const PREPARE_FAILED: u32 = 4;
 /// users other than root, because root needs no rule.
 ///
 /// It imports only modules built into the interpreter and runs with `python3 -I -S`, because this
-/// start is on every deploy's critical path: `platform`, `shutil` and `subprocess` took 13 ms of
+/// start is on every deploy's critical path. `platform`, `shutil` and `subprocess` took 13 ms of
 /// a 30 ms run on the test host, so commands start with `posix_spawn` instead.
 const SCRIPT: &str = r#"import os, sys, time
 
@@ -108,12 +108,15 @@ def write_facts(root, unit, prepare, check_unit):
                 if _finish(_start(["rm", "-rf", "--", partial]))[0] != 0:
                     raise OSError("rm -rf %s failed" % partial)
                 lines.append("removed=" + name)
+
     # The two commands run while the files below are read.
     uid = os.geteuid()
-    sudo = None if uid == 0 else _start(["sudo", "-n", "-l", "systemctl", "restart", "--", unit])
+    can_sudo = uid == 0
+    sudo = None if can_sudo else _start(["sudo", "-n", "-l", "systemctl", "restart", "--", unit])
     shown = None
     if check_unit:
         shown = _start(["systemctl", "show", "--property=LoadState", "--value", "--", unit], capture=True)
+
     lines.append("uid=%d" % uid)
     lines.append("python=" + sys.version.split()[0])
     if _on_path("uv"):
@@ -134,14 +137,16 @@ def write_facts(root, unit, prepare, check_unit):
     if log and not log.endswith(b"\n"):
         log += b"\n"
     live_manifest = _read(os.path.join(root, "current", MANIFEST_NAME))
-    if sudo is None or _finish(sudo)[0] == 0:
-        lines.append("sudo=ok")
-    else:
-        lines.append("sudo=missing")
+
+    # A missing sudo ends with status 127, so it counts as no rule.
+    if not can_sudo:
+        can_sudo = _finish(sudo)[0] == 0
+    lines.append("sudo=ok" if can_sudo else "sudo=missing")
     if check_unit:
         lines.append("unit_load=" + _finish(shown)[1].decode("utf-8", "replace").strip())
     lines.append("took_ms=%d" % ((time.monotonic() - started) * 1000))
     lines.append(LOG_MARKER)
+
     out = sys.stdout.buffer
     out.write(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
     out.write(log)
@@ -194,6 +199,77 @@ mod tests {
         assert!(command.starts_with("python3 -I -S -c "));
         assert!(command.ends_with(" '/srv/web app' 'web app.service'"));
         assert!(command.contains("write_facts(sys.argv[1], sys.argv[2], False, False)"));
+    }
+
+    /// Runs the facts program with this machine's python3 on `root`, as the lock holder would
+    /// with `prepare`, and returns its stdout.
+    fn run_facts(root: &std::path::Path, prepare: bool) -> String {
+        let call = if prepare {
+            "prepare_or_exit(sys.argv[1], sys.argv[2], False)"
+        } else {
+            "write_facts(sys.argv[1], sys.argv[2], False, False)"
+        };
+        let output = std::process::Command::new("python3")
+            .args(["-I", "-S", "-c", &format!("{}{call}\n", script())])
+            .arg(root)
+            .arg("webapp.service")
+            .output()
+            .expect("python3 runs");
+        assert!(
+            output.status.success(),
+            "the facts program failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("facts are UTF-8 here")
+    }
+
+    #[test]
+    fn facts_describe_a_deploy_path() {
+        use std::os::unix::fs::symlink;
+
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path();
+        let sha = format!("3f9a1c2e{}", "0".repeat(56));
+        let release = path.join("releases/20261204T150102Z-3f9a1c2e");
+        std::fs::create_dir_all(&release).unwrap();
+        std::fs::create_dir_all(path.join("releases/20261204T160000Z-aaaaaaaa.partial")).unwrap();
+        std::fs::create_dir_all(path.join("venvs/k1")).unwrap();
+        std::fs::create_dir_all(path.join(".crucible")).unwrap();
+        let manifest = format!(
+            "{MANIFEST_HEADER} {sha}\nf\t644\t3\t{}\tapp.py\n",
+            "b".repeat(64)
+        );
+        std::fs::write(release.join(MANIFEST_NAME), &manifest).unwrap();
+        symlink(path.join("venvs/k1"), release.join(".venv")).unwrap();
+        symlink("releases/20261204T150102Z-3f9a1c2e", path.join("current")).unwrap();
+        // A log whose last line lost its newline must not swallow the marker after it.
+        std::fs::write(path.join(".crucible/releases.jsonl"), "{\"truncated\":").unwrap();
+
+        let facts = crate::deploy::HostFacts::parse(&run_facts(path, false));
+        assert_eq!(facts.live.as_deref(), Some("20261204T150102Z-3f9a1c2e"));
+        assert_eq!(facts.releases.len(), 1, "the .partial is not a release");
+        assert_eq!(
+            facts.release_with_artifact(&sha).as_deref(),
+            Some("20261204T150102Z-3f9a1c2e")
+        );
+        assert!(facts.venvs.contains("k1"));
+        assert_eq!(facts.live_manifest.as_deref(), Some(manifest.as_str()));
+        assert!(
+            facts.removed_partials.is_empty(),
+            "inventory removes nothing"
+        );
+
+        let prepared = crate::deploy::HostFacts::parse(&run_facts(path, true));
+        assert_eq!(
+            prepared.removed_partials,
+            ["20261204T160000Z-aaaaaaaa.partial"]
+        );
+        assert!(
+            !path
+                .join("releases/20261204T160000Z-aaaaaaaa.partial")
+                .exists()
+        );
+        assert!(path.join("shared").is_dir(), "prepare creates the layout");
     }
 
     #[test]

@@ -117,7 +117,7 @@ pub fn holder_path(layout: &Layout) -> String {
 }
 
 /// Tries the lock once. On success the holder prepares the layout, prints the host's facts and
-/// [`LOCKED_MARKER`], and keeps running; when another deploy holds it, the command prints that
+/// [`LOCKED_MARKER`], and keeps running. When another deploy has the lock, the command prints that
 /// deploy's holder record and exits with [`LOCK_TAKEN`].
 ///
 /// Only the process that got the lock writes the holder file, so a deployer that failed to get
@@ -199,7 +199,7 @@ impl Linked {
     }
 }
 
-/// What the holder's output said before the lock was held, taken, or given up.
+/// The outcome that the holder's output reported: the lock is ours, another deploy's, or given up.
 enum Held {
     ByUs(String),
     ByOther(String),

@@ -238,7 +238,7 @@ pub const SWITCHED: &str = "switched";
 
 /// Runs `switch` and, only when it succeeds, prints [`SWITCHED`] and runs `restart`, as one
 /// command. The shell ignores SIGPIPE, so a client that dies after sending it does not stop it
-/// between the two; it exits with the failing part's status.
+/// between the two. It exits with the failing part's status.
 pub fn switch_then_restart(switch: &str, restart: &str) -> String {
     format!("trap '' PIPE; {{ {switch}; }} || exit $?; echo {SWITCHED}; {restart}")
 }
