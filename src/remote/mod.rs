@@ -105,14 +105,24 @@ pub fn sync_venv(
     let venv = quote(&layout.venv(key));
     let release = quote(release_dir);
     let requirements = quote(requirements);
+    // Each command has its own line, because `set -e` ignores the failure of any command but the
+    // last in an `a && b` list, and the script would go on to mark a failed build complete.
     let install = if use_uv {
-        // NOTE: only the python3 -m venv branch runs in the test hosts, which have no uv.
+        // uv gets the full path of the python3 on the PATH, whose version is part of the venv
+        // key, because for a bare `python3` it prefers a Python that `uv python install` put in
+        // the user's home. UV_PYTHON_DOWNLOADS=never keeps it from downloading one. The cache
+        // sits under the deploy path: with an unwritable home uv fails where pip only warns, and
+        // with the cache on another file system it copies files instead of hard-linking them.
+        let cache = quote(&format!("{}/uv-cache", layout.state()));
         format!(
-            "uv venv --python python3 {venv} && VIRTUAL_ENV={venv} uv pip install -r {requirements}"
+            "export UV_CACHE_DIR={cache} UV_PYTHON_DOWNLOADS=never\n\
+             uv venv --python \"$(command -v python3)\" {venv}\n\
+             VIRTUAL_ENV={venv} uv pip install -r {requirements}"
         )
     } else {
         format!(
-            "python3 -m venv -- {venv} && {venv}/bin/pip install --disable-pip-version-check --no-input -r {requirements}"
+            "python3 -m venv -- {venv}\n\
+             {venv}/bin/pip install --disable-pip-version-check --no-input -r {requirements}"
         )
     };
     let build = format!(
@@ -429,7 +439,36 @@ mod tests {
         let build = script.find("python3 -m venv").unwrap();
         assert!(marker < build);
         assert!(
+            !script.contains("&&"),
+            "under set -e a failure inside an && list would not stop the script:\n{script}"
+        );
+        assert!(
             script.contains("ln -sfn -- /srv/app/venvs/abc /srv/app/releases/r1.partial/.venv")
+        );
+    }
+
+    #[test]
+    fn uv_venv_uses_the_paths_python3() {
+        let script = sync_venv(
+            &Layout::new("/srv/app"),
+            "/srv/app/releases/r1.partial",
+            "abc",
+            "requirements.txt",
+            true,
+        );
+        assert_eq!(
+            script,
+            "flock -x /srv/app/.crucible/venv-abc.lock sh -c 'set -e\n\
+             if [ -f /srv/app/venvs/abc/.crucible-complete ]; then echo venv=reused; else\n\
+             rm -rf -- /srv/app/venvs/abc\n\
+             cd -- /srv/app/releases/r1.partial\n\
+             export UV_CACHE_DIR=/srv/app/.crucible/uv-cache UV_PYTHON_DOWNLOADS=never\n\
+             uv venv --python \"$(command -v python3)\" /srv/app/venvs/abc\n\
+             VIRTUAL_ENV=/srv/app/venvs/abc uv pip install -r requirements.txt\n\
+             touch -- /srv/app/venvs/abc/.crucible-complete\n\
+             echo venv=built\n\
+             fi\n\
+             ln -sfn -- /srv/app/venvs/abc /srv/app/releases/r1.partial/.venv\n'"
         );
     }
 

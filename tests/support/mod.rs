@@ -73,6 +73,14 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Value of `CRUCIBLE_REAL_HOSTS` that turns a skipped real-host test into a failure, for CI.
 const REQUIRED: &str = "required";
 
+/// Path where `.ci/run fetch-uv` extracts the pinned uv release, unless `CRUCIBLE_TEST_UV` names
+/// another binary.
+const DEFAULT_UV_BINARY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-tools/uv");
+
+/// Path where [`TestHost::install_uv`] puts uv on a host, in a directory on the PATH that sshd
+/// gives every user.
+pub const HOST_UV_PATH: &str = "/usr/local/bin/uv";
+
 /// Proof that this machine can boot test hosts; `real_hosts` returns one.
 pub struct RealHosts {
     host_key: String,
@@ -104,6 +112,31 @@ pub fn real_hosts() -> Option<RealHosts> {
         host_key: host_key.clone(),
         client_key: client_key.clone(),
     })
+}
+
+/// Returns the uv binary that tests install into hosts, or `None` after printing why there is
+/// none. With `CRUCIBLE_REAL_HOSTS=required` it panics instead of returning `None`.
+///
+/// Tests download nothing themselves. The binary is `CRUCIBLE_TEST_UV` when set, else the one
+/// that `.ci/run` downloads into target/test-tools.
+pub fn uv_binary() -> Option<PathBuf> {
+    let path = env::var_os("CRUCIBLE_TEST_UV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_UV_BINARY));
+    if path.is_file() {
+        return Some(path);
+    }
+
+    let reason = format!(
+        "no uv binary at {}; run `.ci/run fetch-uv` to download the pinned release, or set \
+         CRUCIBLE_TEST_UV to a uv binary for x86_64 Linux",
+        path.display()
+    );
+    if env::var("CRUCIBLE_REAL_HOSTS").as_deref() == Ok(REQUIRED) {
+        panic!("uv tests cannot run but CRUCIBLE_REAL_HOSTS=required: {reason}");
+    }
+    let _ = writeln!(io::stderr(), "skipped: {reason}");
+    None
 }
 
 fn check_prerequisites() -> Result<(), String> {
@@ -324,6 +357,47 @@ impl TestHost {
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Copies the local file `source` to `destination` on the host as a root-owned executable,
+    /// through ssh's stdin, and panics unless the whole file arrived.
+    pub fn install_executable(&self, source: &Path, destination: &str) {
+        let file = File::open(source)
+            .unwrap_or_else(|error| panic!("failed to open {}: {error}", source.display()));
+        let size = file
+            .metadata()
+            .unwrap_or_else(|error| {
+                panic!("failed to read the size of {}: {error}", source.display())
+            })
+            .len();
+
+        // Written beside the destination and renamed, so a cut copy is never left executable.
+        let partial = quote(&format!("{destination}.partial")).into_owned();
+        let script = format!(
+            "set -e; cat > {partial}; \
+             test \"$(stat -c %s -- {partial})\" = {size}; \
+             chmod 0755 -- {partial}; mv -f -- {partial} {}",
+            quote(destination)
+        );
+        let output = self
+            .ssh_command("root", &script)
+            .stdin(file)
+            .output()
+            .unwrap_or_else(|error| panic!("failed to start ssh: {error}"));
+        assert!(
+            output.status.success(),
+            "failed to copy {} to {destination} on {} ({}):\n{}",
+            source.display(),
+            self.address,
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Installs the local uv binary `uv` (from [`uv_binary`]) as [`HOST_UV_PATH`], where
+    /// crucible's facts program finds it.
+    pub fn install_uv(&self, uv: &Path) {
+        self.install_executable(uv, HOST_UV_PATH);
     }
 
     /// Returns the target of the symbolic link at `path`, or `None` if `path` is not one.
