@@ -26,7 +26,7 @@ pub const MANIFEST_HEADER: &str = "# crucible manifest v1";
 
 /// Modification time given to every entry: 2000-01-01T00:00:00Z. A fixed value makes archives
 /// reproducible; it stays after 1980 so that tools building zip files from the tree accept it.
-const FIXED_MTIME: u64 = 946_684_800;
+pub const FIXED_MTIME: u64 = 946_684_800;
 
 /// Size of the read buffer each scan thread hashes files through.
 const HASH_BUFFER_SIZE: usize = 256 * 1024;

@@ -190,6 +190,34 @@ fn tampered_live_release_falls_back_to_full_upload() {
 }
 
 #[test]
+fn same_size_edit_falls_back_to_full_upload() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let project = Project::new();
+    project.add_host("test", &host, "root", &[QUICK_HEALTH]);
+    write_many_files(&project, 5);
+    push_summary(&project);
+    let live = host.live_release();
+    // Same size and mode, so only the modification time shows the edit.
+    host.run_checked(&format!(
+        "printf 'VALUE = 9\\n' > /srv/webapp/releases/{live}/pkg/module_002.py"
+    ));
+
+    project.write_file("pkg/module_000.py", "VALUE = 'new'\n");
+    let summary = push_summary(&project);
+
+    assert_eq!(summary["files_reused"], 0, "every file was sent: {summary}");
+    let next = host.live_release();
+    let copied = read_release_file(&host, &next, "pkg/module_002.py");
+    assert_eq!(
+        copied, "VALUE = 2\n",
+        "the new release has the local content"
+    );
+}
+
+#[test]
 fn delta_off_sends_every_file() {
     let Some(hosts) = support::real_hosts() else {
         return;

@@ -104,6 +104,8 @@ pub struct HostFacts {
     pub prepare_ms: u64,
     pub history: History,
     pub can_sudo: bool,
+    /// `systemctl` is not on the deploy user's PATH.
+    pub lacks_systemctl: bool,
     pub unit_load_state: String,
     /// The live release's manifest file, when it has one.
     pub live_manifest: Option<String>,
@@ -155,6 +157,7 @@ impl HostFacts {
                 "took_ms" => facts.prepare_ms = value.parse().unwrap_or(0),
                 "removed" => facts.removed_partials.push(value),
                 "sudo" => facts.can_sudo = value == "ok",
+                "systemctl" => facts.lacks_systemctl = value == "missing",
                 "unit_load" => facts.unit_load_state = value,
                 _ => {}
             }

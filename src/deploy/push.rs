@@ -480,6 +480,16 @@ fn is_recorded_live(history: &History, release: &str) -> bool {
 /// Fails before any change when the deploy user cannot restart the unit, or the unit is unknown.
 fn check_privileges(ctx: &mut Context<'_>, facts: &HostFacts) -> Result<(), Error> {
     let config = &ctx.plan.config;
+    if facts.lacks_systemctl {
+        return Err(Error::StepFailed {
+            step: "prepare".to_string(),
+            message: format!(
+                "systemctl is not on the PATH of user `{}` on the host, so crucible cannot read \
+                 the unit's state; fix that user's PATH (for example in /etc/environment)",
+                config.user
+            ),
+        });
+    }
     if !facts.is_root && !facts.can_sudo {
         return Err(Error::StepFailed {
             step: "prepare".to_string(),

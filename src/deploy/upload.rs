@@ -135,6 +135,13 @@ pub(super) async fn send_release(
 ) -> Result<(), Error> {
     let manifest = &artifact.manifest;
     let delta = match (&facts.live, &facts.live_manifest) {
+        // The files are linked from releases/<live>, so `current` must name a release there.
+        (Some(live), Some(_)) if ctx.plan.config.delta && !facts.releases.contains(live) => {
+            ctx.reporter.note(&format!(
+                "current points at {live}, which is not a complete release in releases/; sending every file"
+            ));
+            None
+        }
         (Some(live), Some(text)) if ctx.plan.config.delta => {
             let delta = manifest.delta(text);
             if delta.is_none() {
@@ -183,40 +190,38 @@ pub(super) async fn send_release(
     // Reported after the upload, with the time the linking itself took.
     let started = Instant::now() - took;
     ctx.reporter.start_step("reuse");
-    let failure = match linked {
-        Ok(Linked::All) => None,
-        Ok(Linked::Mismatch(path)) => {
-            ctx.local_step(
-                "reuse",
-                started,
-                true,
-                format!("{path} differs from the manifest"),
+    let (detail, note) = match linked {
+        Ok(Linked::All) => {
+            let detail = format!(
+                "{} hard-linked from {live}",
+                count(delta.reuse.len(), "unchanged file")
             );
-            ctx.reporter.note(&format!(
-                "live release {live} does not match its manifest ({path}); sending every file"
-            ));
-            let discard = remote::discard(ctx.layout(), id);
-            session
-                .run(&discard, None, ctx.plan.step_deadline())
-                .await?;
-            return upload(ctx, session, manifest, id, None).await;
+            ctx.local_step("reuse", started, true, detail);
+            return Ok(());
         }
-        Ok(Linked::Failed(error)) => Some(error),
-        Err(error) => Some(error.to_string()),
+        Ok(Linked::Mismatch(path)) => (
+            format!("{path} differs from the manifest"),
+            format!("live release {live} does not match its manifest ({path}); sending every file"),
+        ),
+        Ok(Linked::Failed(error)) => (
+            format!("not linked: {error}"),
+            format!(
+                "hard-linking the unchanged files of {live} failed ({error}); sending every file"
+            ),
+        ),
+        // The holder is gone, and the lock with it.
+        Err(error) => {
+            ctx.local_step("reuse", started, false, error.to_string());
+            return Err(Error::Ssh(error));
+        }
     };
-    if let Some(error) = failure {
-        ctx.local_step("reuse", started, false, error.clone());
-        return Err(Error::StepFailed {
-            step: "reuse".to_string(),
-            message: format!("hard-linking the unchanged files of {live} failed: {error}"),
-        });
-    }
-    let detail = format!(
-        "{} hard-linked from {live}",
-        count(delta.reuse.len(), "unchanged file")
-    );
     ctx.local_step("reuse", started, true, detail);
-    Ok(())
+    ctx.reporter.note(&note);
+    let discard = remote::discard(ctx.layout(), id);
+    session
+        .run(&discard, None, ctx.plan.step_deadline())
+        .await?;
+    upload(ctx, session, manifest, id, None).await
 }
 
 /// A `Write` that cuts the compressed stream into [`CHUNK_SIZE`] pieces for the async side.

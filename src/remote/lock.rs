@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
 use super::{Layout, facts, quote};
-use crate::archive::ReusedFile;
+use crate::archive::{FIXED_MTIME, ReusedFile};
 use crate::ssh::{Session, SshError, short_command};
 
 /// How often the client sends a heartbeat line to the holder.
@@ -37,13 +37,18 @@ const LOCKED_MARKER: &str = "---locked---";
 ///
 /// A delta push's unchanged files are linked here, by a Python process that is already running,
 /// rather than by a new command: that saves a process start and a channel on the push's critical
-/// path. Each file must still have the size and mode its manifest gives, or the reply is
-/// `mismatch=PATH` and the push sends every file instead.
+/// path. Each file must still have the size and mode its manifest gives, the modification time
+/// that tar gave it, and only real directories above it, or the reply is `mismatch=PATH` and the
+/// push sends every file instead.
 const HOLDER: &str = r#"path, holder, timeout, root, unit = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
 check_unit = sys.argv[6] == "1"
-with open(path + ".tmp", "w") as f:
-    f.write(holder + "\n")
-os.replace(path + ".tmp", path)
+try:
+    with open(path + ".tmp", "w") as f:
+        f.write(holder + "\n")
+    os.replace(path + ".tmp", path)
+except OSError as error:
+    sys.stderr.write("failed to write the lock holder record %s: %s\n" % (path, error))
+    sys.exit(PREPARE_FAILED)
 prepare_or_exit(root, unit, check_unit)
 import select, stat
 out = sys.stdout.buffer
@@ -66,26 +71,70 @@ def next_line():
     position += 1
     return lines[position - 1].decode("utf-8", "surrogateescape")
 
+def _real_directory(old_fd, parent, checked):
+    """Returns whether parent and each directory above it in the old release is a directory and
+    not a symlink, so that linking through it cannot reach files outside the release."""
+    if not parent or parent in checked:
+        return True
+    if not _real_directory(old_fd, os.path.dirname(parent), checked):
+        return False
+    try:
+        info = os.lstat(parent, dir_fd=old_fd)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(info.st_mode):
+        return False
+    checked.add(parent)
+    return True
+
+def _open_up(new, parent, opened):
+    """Adds owner write permission to parent and the directories above it in the new release.
+    tar may already have given them a read-only mode from the archive; link_reused restores it."""
+    while True:
+        path = os.path.join(new, parent) if parent else new
+        try:
+            mode = stat.S_IMODE(os.lstat(path).st_mode)
+        except FileNotFoundError:
+            mode = stat.S_IWUSR
+        if not mode & stat.S_IWUSR:
+            opened.setdefault(path, mode)
+            os.chmod(path, mode | stat.S_IWUSR)
+        if not parent:
+            return
+        parent = os.path.dirname(parent)
+
 def link_reused(old, new, entries):
     os.makedirs(new, exist_ok=True)
     old_fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY)
     new_fd = os.open(new, os.O_RDONLY | os.O_DIRECTORY)
-    made = set()
+    created, checked, opened = set(), set(), {}
     try:
         for entry in entries:
             name, size, mode = entry.split("\t")
+            parent = os.path.dirname(name)
             try:
                 info = os.lstat(name, dir_fd=old_fd)
             except OSError:
                 info = None
-            if info is None or not stat.S_ISREG(info.st_mode) or info.st_size != int(size) or stat.S_IMODE(info.st_mode) != int(mode, 8):
+            # Every file tar unpacks gets ARCHIVE_MTIME, and a write in place changes it.
+            if info is None or not stat.S_ISREG(info.st_mode) or info.st_size != int(size) \
+                    or stat.S_IMODE(info.st_mode) != int(mode, 8) or int(info.st_mtime) != ARCHIVE_MTIME \
+                    or not _real_directory(old_fd, parent, checked):
                 return "mismatch=" + name
-            parent = os.path.dirname(name)
-            if parent and parent not in made:
-                os.makedirs(os.path.join(new, parent), exist_ok=True)
-                made.add(parent)
-            os.link(name, name, src_dir_fd=old_fd, dst_dir_fd=new_fd, follow_symlinks=False)
+            for attempt in (1, 2):
+                try:
+                    if parent and parent not in created:
+                        os.makedirs(os.path.join(new, parent), exist_ok=True)
+                        created.add(parent)
+                    os.link(name, name, src_dir_fd=old_fd, dst_dir_fd=new_fd, follow_symlinks=False)
+                    break
+                except PermissionError:
+                    if attempt == 2:
+                        raise
+                    _open_up(new, parent, opened)
     finally:
+        for path in sorted(opened, key=len, reverse=True):
+            os.chmod(path, opened[path])
         os.close(old_fd)
         os.close(new_fd)
     return "linked=%d" % len(entries)
@@ -96,13 +145,19 @@ while True:
         break
     if not line.startswith("link\t"):
         continue
-    _, old, new, count = line.split("\t")
-    entries = [next_line() for _ in range(int(count))]
+    try:
+        _, old, new, count = line.split("\t")
+        count = int(count)
+    except ValueError:
+        out.write(b"failed=malformed link request\n")
+        out.flush()
+        continue
+    entries = [next_line() for _ in range(count)]
     if None in entries:
         break
     try:
         reply = link_reused(old, new, entries)
-    except OSError as error:
+    except Exception as error:
         reply = "failed=%s" % error
     out.write(reply.encode("utf-8", "surrogateescape") + b"\n")
     out.flush()
@@ -128,7 +183,7 @@ pub fn holder_path(layout: &Layout) -> String {
 pub fn acquire_command(layout: &Layout, holder_json: &str, unit: &str, check_unit: bool) -> String {
     let holder_file = quote(&holder_path(layout));
     let program = format!(
-        "{}LOCKED_MARKER = {LOCKED_MARKER:?}\n{HOLDER}",
+        "{}LOCKED_MARKER = {LOCKED_MARKER:?}\nARCHIVE_MTIME = {FIXED_MTIME}\n{HOLDER}",
         facts::script()
     );
     format!(
@@ -159,7 +214,7 @@ pub fn probe_command(layout: &Layout) -> String {
 pub enum Attempt {
     /// The lock is held, and the text is the host's facts as [`facts::script`] prints them.
     Acquired { lock: DeployLock, facts: String },
-    /// Creating the layout or reading the facts failed, or the state directory could not be made.
+    /// Creating the layout or reading the facts failed, or the state directory could not be created.
     /// The text is the host's stderr. The holder has exited, so the lock is free again.
     PrepareFailed(String),
     /// Another deploy holds the lock; the text is its holder record.
@@ -200,7 +255,7 @@ impl Linked {
 }
 
 /// The outcome that the holder's output reported: the lock is ours, another deploy's, or given up.
-enum Held {
+enum HolderOutcome {
     ByUs(String),
     ByOther(String),
     NotPrepared(String),
@@ -234,19 +289,19 @@ impl DeployLock {
                     ChannelMsg::Data { data } => {
                         stdout.extend_from_slice(&data);
                         if let Some(facts) = facts_before_marker(&stdout) {
-                            return Ok(Held::ByUs(facts));
+                            return Ok(HolderOutcome::ByUs(facts));
                         }
                     }
                     ChannelMsg::ExtendedData { data, .. } => stderr.extend_from_slice(&data),
                     ChannelMsg::ExitStatus { exit_status } if exit_status == LOCK_TAKEN => {
                         let record = String::from_utf8_lossy(&stdout).trim().to_string();
-                        return Ok(Held::ByOther(record));
+                        return Ok(HolderOutcome::ByOther(record));
                     }
                     ChannelMsg::ExitStatus { exit_status }
                         if exit_status == facts::PREPARE_FAILED =>
                     {
                         let message = String::from_utf8_lossy(&stderr).trim().to_string();
-                        return Ok(Held::NotPrepared(message));
+                        return Ok(HolderOutcome::NotPrepared(message));
                     }
                     ChannelMsg::ExitStatus { exit_status } => {
                         return Err(SshError::LockFailed {
@@ -268,9 +323,9 @@ impl DeployLock {
                 seconds: deadline.as_secs(),
             })??;
         let facts = match holder {
-            Held::ByUs(facts) => facts,
-            Held::ByOther(record) => return Ok(Attempt::Taken(record)),
-            Held::NotPrepared(message) => return Ok(Attempt::PrepareFailed(message)),
+            HolderOutcome::ByUs(facts) => facts,
+            HolderOutcome::ByOther(record) => return Ok(Attempt::Taken(record)),
+            HolderOutcome::NotPrepared(message) => return Ok(Attempt::PrepareFailed(message)),
         };
 
         let writer = Arc::new(Mutex::new(writer));

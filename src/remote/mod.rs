@@ -318,15 +318,25 @@ pub fn prune(layout: &Layout, releases: &[String], venvs: &[String]) -> String {
         paths.push(quote(&layout.venv(key)));
         paths.push(quote(&layout.venv_lock(key)));
     }
-    format!("rm -rf -- {}", paths.join(" "))
+    remove_trees(&paths.join(" "))
 }
 
 /// Removes a release that failed before the switch, whichever name it has reached.
 pub fn discard(layout: &Layout, id: &str) -> String {
-    format!(
-        "rm -rf -- {} {}",
+    let paths = format!(
+        "{} {}",
         quote(&layout.partial(id)),
         quote(&layout.release(id))
+    );
+    remove_trees(&paths)
+}
+
+/// Removes the quoted `paths`. A deploy user may not delete the entries of a directory that an
+/// app ships read-only, so those directories get owner write permission first. Files are left
+/// alone, because releases share them through hard links.
+fn remove_trees(paths: &str) -> String {
+    format!(
+        "find {paths} -type d ! -perm -u+w -exec chmod u+w -- {{}} + 2>/dev/null; rm -rf -- {paths}"
     )
 }
 
@@ -514,9 +524,13 @@ mod tests {
     #[test]
     fn prune_names_each_path() {
         let command = prune(&Layout::new("/srv/app"), &["r1".into()], &["k1".into()]);
+        let paths = "/srv/app/releases/r1 /srv/app/venvs/k1 /srv/app/.crucible/venv-k1.lock";
         assert_eq!(
             command,
-            "rm -rf -- /srv/app/releases/r1 /srv/app/venvs/k1 /srv/app/.crucible/venv-k1.lock"
+            format!(
+                "find {paths} -type d ! -perm -u+w -exec chmod u+w -- {{}} + 2>/dev/null; \
+                 rm -rf -- {paths}"
+            )
         );
     }
 
