@@ -218,7 +218,7 @@ fn print_plan(ctx: &mut Context<'_>, artifact: &Artifact) {
     ];
     if let Some((path, _)) = &artifact.requirements {
         steps.push(format!(
-            "venv: python3 -m venv + pip install -r {path}, unless an identical venv exists"
+            "venv: install {path} into a new venv (uv when the host has it, else pip), unless an identical venv exists"
         ));
     }
     if !config.shared.is_empty() {
