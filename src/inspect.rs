@@ -171,11 +171,16 @@ pub async fn status(plan: &HostPlan, json: bool) -> Result<(), Error> {
         return Ok(());
     }
     println!("host:     {}", report.host);
-    println!(
-        "release:  {} (live since {})",
-        report.live_release.as_deref().unwrap_or("none"),
-        report.live_since.as_deref().unwrap_or("unknown")
-    );
+    match report.live_release.as_deref() {
+        Some(live) if !facts.releases.contains(live) => println!(
+            "release:  {live} (current points at it, but releases/{live} is missing or incomplete; push again)"
+        ),
+        live => println!(
+            "release:  {} (live since {})",
+            live.unwrap_or("none"),
+            report.live_since.as_deref().unwrap_or("unknown")
+        ),
+    }
     println!(
         "unit:     {} {}/{} pid {} since {} ({} automatic restarts)",
         plan.config.unit,

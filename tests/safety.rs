@@ -187,6 +187,11 @@ fn second_push_waits_for_lock() {
     assert_eq!(live, deployed[1], "the push that waited is live");
     assert_serves(&host, &live);
     assert!(is_lock_free(&host), "no lock is left after both pushes");
+    assert!(
+        wait_until(LOCK_RELEASE_TIMEOUT, || !host
+            .exists("/srv/webapp/.crucible/lock.holder")),
+        "a finished holder removes its record, so no refusal can name it"
+    );
 }
 
 #[test]

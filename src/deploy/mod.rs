@@ -357,6 +357,7 @@ impl<'a> Context<'a> {
         let started = Instant::now();
         let holder = self.holder_record();
         let deadline = wait.map(|wait| started + wait);
+        let mut waited = false;
         loop {
             let attempt = DeployLock::try_acquire(
                 session,
@@ -369,7 +370,7 @@ impl<'a> Context<'a> {
             .await;
             match attempt {
                 Ok(Attempt::Acquired { lock, facts }) => {
-                    let facts = self.report_prepared(started, &facts);
+                    let facts = self.report_prepared(started, &facts, waited);
                     return Ok((lock, facts));
                 }
                 Ok(Attempt::PrepareFailed(message)) => {
@@ -379,6 +380,7 @@ impl<'a> Context<'a> {
                     let holder = describe_holder(&record);
                     match deadline {
                         Some(deadline) if Instant::now() < deadline => {
+                            waited = true;
                             let left = deadline.saturating_duration_since(Instant::now()).as_secs();
                             self.reporter.note(&format!(
                                 "waiting for the lock held by {holder}; {left}s left"
@@ -409,11 +411,21 @@ impl<'a> Context<'a> {
     /// Reports the `lock` and `prepare` steps of a lock attempt that started at `started` and
     /// succeeded, and parses the facts its holder printed. The holder prepares the host right
     /// after it gets the lock, so the time it reports for that is the `prepare` step's.
-    pub fn report_prepared(&mut self, started: Instant, facts_text: &str) -> HostFacts {
+    /// `waited` says whether another deploy held the lock at first.
+    pub fn report_prepared(
+        &mut self,
+        started: Instant,
+        facts_text: &str,
+        waited: bool,
+    ) -> HostFacts {
         let facts = HostFacts::parse(facts_text);
         let total = started.elapsed().as_millis() as u64;
         let prepare_ms = facts.prepare_ms.min(total);
-        let waited = started.elapsed().as_secs();
+        let waited = if waited {
+            started.elapsed().as_secs()
+        } else {
+            0
+        };
         self.reporter.finish_step(StepRecord {
             name: "lock".to_string(),
             exit_code: None,

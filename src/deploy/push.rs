@@ -180,7 +180,7 @@ pub async fn run(ctx: &mut Context<'_>, options: &DeployOptions) -> Result<(), E
     let (lock, mut facts) = match early_lock {
         Some((started, Ok(Attempt::Acquired { lock, facts }))) => {
             ctx.reporter.start_step("lock");
-            let facts = ctx.report_prepared(started, &facts);
+            let facts = ctx.report_prepared(started, &facts, false);
             (lock, facts)
         }
         Some((started, Ok(Attempt::PrepareFailed(message)))) => {

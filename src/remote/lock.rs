@@ -139,28 +139,39 @@ def link_reused(old, new, entries):
         os.close(new_fd)
     return "linked=%d" % len(entries)
 
-while True:
-    line = next_line()
-    if line is None:
-        break
-    if not line.startswith("link\t"):
-        continue
-    try:
-        _, old, new, count = line.split("\t")
-        count = int(count)
-    except ValueError:
-        out.write(b"failed=malformed link request\n")
+def serve():
+    while True:
+        line = next_line()
+        if line is None:
+            return
+        if not line.startswith("link\t"):
+            continue
+        try:
+            _, old, new, count = line.split("\t")
+            count = int(count)
+        except ValueError:
+            out.write(b"failed=malformed link request\n")
+            out.flush()
+            continue
+        entries = [next_line() for _ in range(count)]
+        if None in entries:
+            return
+        try:
+            reply = link_reused(old, new, entries)
+        except Exception as error:
+            reply = "failed=%s" % error
+        out.write(reply.encode("utf-8", "surrogateescape") + b"\n")
         out.flush()
-        continue
-    entries = [next_line() for _ in range(count)]
-    if None in entries:
-        break
+
+# The record goes while the lock is still held, so a deploy that finds the lock taken never
+# reads the record of a holder that has finished.
+try:
+    serve()
+finally:
     try:
-        reply = link_reused(old, new, entries)
-    except Exception as error:
-        reply = "failed=%s" % error
-    out.write(reply.encode("utf-8", "surrogateescape") + b"\n")
-    out.flush()
+        os.unlink(path)
+    except OSError:
+        pass
 "#;
 
 pub fn lock_path(layout: &Layout) -> String {
@@ -269,7 +280,7 @@ fn facts_before_marker(stdout: &[u8]) -> Option<String> {
 }
 
 impl DeployLock {
-    /// Makes one attempt to take the lock, waiting at most `deadline` for the holder to start.
+    /// Makes one attempt to take the lock. It fails when the holder sends nothing for `deadline`.
     pub async fn try_acquire(
         session: &Session,
         layout: &Layout,
@@ -281,10 +292,21 @@ impl DeployLock {
         let command = acquire_command(layout, holder_json, unit, check_unit);
         let channel = session.open(&command).await?;
         let (mut reader, writer) = channel.split();
+        // The deadline is for silence, not for the whole read: on a slow link the facts, with the
+        // live release's manifest, can take longer to arrive than a step may take.
         let wait_for_holder = async {
             let mut stdout = Vec::new();
             let mut stderr = Vec::new();
-            while let Some(message) = reader.wait().await {
+            loop {
+                let message = tokio::time::timeout(deadline, reader.wait())
+                    .await
+                    .map_err(|_| SshError::Timeout {
+                        command: "the lock holder (flock, then the host's facts)".to_string(),
+                        seconds: deadline.as_secs(),
+                    })?;
+                let Some(message) = message else {
+                    break;
+                };
                 match message {
                     ChannelMsg::Data { data } => {
                         stdout.extend_from_slice(&data);
@@ -316,12 +338,7 @@ impl DeployLock {
                 command: short_command(&command),
             })
         };
-        let holder = tokio::time::timeout(deadline, wait_for_holder)
-            .await
-            .map_err(|_| SshError::Timeout {
-                command: "flock (deploy lock)".to_string(),
-                seconds: deadline.as_secs(),
-            })??;
+        let holder = wait_for_holder.await?;
         let facts = match holder {
             HolderOutcome::ByUs(facts) => facts,
             HolderOutcome::ByOther(record) => return Ok(Attempt::Taken(record)),
