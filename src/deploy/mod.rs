@@ -411,7 +411,7 @@ impl<'a> Context<'a> {
     /// Reports the `lock` and `prepare` steps of a lock attempt that started at `started` and
     /// succeeded, and parses the facts its holder printed. The holder prepares the host right
     /// after it gets the lock, so the time it reports for that is the `prepare` step's.
-    /// `waited` says whether another deploy held the lock at first.
+    /// `waited` is true when another deploy held the lock at first.
     pub fn report_prepared(
         &mut self,
         started: Instant,
