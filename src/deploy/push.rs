@@ -1,7 +1,7 @@
 //! `crucible push`: scan, connect, lock, prepare, upload, venv, shared, unit, then activate.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -15,6 +15,10 @@ use crate::remote;
 use crate::remote::lock::{Attempt, DeployLock};
 use crate::report::count;
 use crate::ssh::{Session, SshError};
+
+/// How long a failed or interrupted push waits for the lock holder to finish linking files into
+/// the unfinished release before it removes that release.
+const LINKS_AFTER_FAILURE: Duration = Duration::from_secs(15);
 
 /// The local inputs of a push, checked before anything connects.
 pub struct Artifact {
@@ -280,6 +284,7 @@ async fn push_locked(
     };
     if let Err(error) = prepared {
         if is_fresh {
+            lock.wait_for_links(LINKS_AFTER_FAILURE).await;
             let command = remote::discard(ctx.layout(), &id);
             let _ = ctx
                 .remote_step(

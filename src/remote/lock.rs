@@ -7,6 +7,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use russh::ChannelMsg;
@@ -238,6 +239,8 @@ pub struct DeployLock {
     writer: Arc<Mutex<russh::ChannelWriteHalf<Msg>>>,
     reader: Arc<Mutex<russh::ChannelReadHalf>>,
     heartbeat: JoinHandle<()>,
+    /// A link request was sent and its reply not read, because the caller stopped waiting.
+    unanswered: AtomicBool,
 }
 
 /// The holder's reply to a [`DeployLock::link_reused`] request.
@@ -366,6 +369,7 @@ impl DeployLock {
                 writer,
                 reader,
                 heartbeat,
+                unanswered: AtomicBool::new(false),
             },
             facts,
         })
@@ -388,22 +392,32 @@ impl DeployLock {
             command: "hard-linking in the lock holder".to_string(),
         };
         let mut reader = self.reader.lock().await;
+        self.unanswered.store(true, Ordering::SeqCst);
         self.writer
             .lock()
             .await
             .data_bytes(request.into_bytes())
             .await
             .map_err(|_| lost())?;
-        let mut reply = Vec::new();
-        while let Some(message) = reader.wait().await {
-            if let ChannelMsg::Data { data } = message {
-                reply.extend_from_slice(&data);
-                if let Some(line) = reply.strip_suffix(b"\n") {
-                    return Ok(Linked::parse(&String::from_utf8_lossy(line)));
-                }
-            }
+        let reply = read_reply(&mut reader).await.ok_or_else(lost)?;
+        self.unanswered.store(false, Ordering::SeqCst);
+        Ok(Linked::parse(&reply))
+    }
+
+    /// Waits at most `timeout` for the reply to a link request whose caller stopped waiting, such
+    /// as a push interrupted while the holder links. Removing the unfinished release before the
+    /// holder is done would race its links and leave a partial tree behind.
+    pub async fn wait_for_links(&self, timeout: Duration) {
+        if !self.unanswered.load(Ordering::SeqCst) {
+            return;
         }
-        Err(lost())
+        let mut reader = self.reader.lock().await;
+        if tokio::time::timeout(timeout, read_reply(&mut reader))
+            .await
+            .is_ok()
+        {
+            self.unanswered.store(false, Ordering::SeqCst);
+        }
     }
 
     /// Frees the lock by closing the holder's stdin.
@@ -411,6 +425,20 @@ impl DeployLock {
         self.heartbeat.abort();
         let _ = self.writer.lock().await.eof().await;
     }
+}
+
+/// Reads the holder's next one-line reply, or returns `None` when its channel ends first.
+async fn read_reply(reader: &mut russh::ChannelReadHalf) -> Option<String> {
+    let mut reply = Vec::new();
+    while let Some(message) = reader.wait().await {
+        if let ChannelMsg::Data { data } = message {
+            reply.extend_from_slice(&data);
+            if let Some(line) = reply.strip_suffix(b"\n") {
+                return Some(String::from_utf8_lossy(line).into_owned());
+            }
+        }
+    }
+    None
 }
 
 /// Formats a `link` request: a header line with the two directories and the file count, then one
