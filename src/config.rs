@@ -86,6 +86,32 @@ pub struct Settings {
     pub timeouts: Option<TimeoutSettings>,
 }
 
+impl Settings {
+    /// Returns whether this table sets `key`, a key name as error messages give it.
+    fn sets(&self, key: &str) -> bool {
+        match key.split('.').next().unwrap_or(key) {
+            "name" => self.name.is_some(),
+            "source" => self.source.is_some(),
+            "exclude" => self.exclude.is_some(),
+            "requirements" => self.requirements.is_some(),
+            "unit" => self.unit.is_some(),
+            "unit_file" => self.unit_file.is_some(),
+            "shared" => self.shared.is_some(),
+            "keep" => self.keep.is_some(),
+            "compression_level" => self.compression_level.is_some(),
+            "address" => self.address.is_some(),
+            "user" => self.user.is_some(),
+            "path" => self.path.is_some(),
+            "host_key" => self.host_key.is_some(),
+            "identity" => self.identity.is_some(),
+            "known_hosts" => self.known_hosts.is_some(),
+            "health" => self.health.is_some(),
+            "timeouts" => self.timeouts.is_some(),
+            _ => true,
+        }
+    }
+}
+
 /// `[app.health]`: what must hold after a restart before a release counts as healthy.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -245,6 +271,7 @@ impl Config {
         Resolver {
             path: &self.path,
             table: format!("[hosts.{name}]"),
+            host: table,
         }
         .resolve(name, merged)
     }
@@ -280,6 +307,8 @@ fn overlay(app: &Settings, host: &Settings) -> Settings {
 struct Resolver<'a> {
     path: &'a Path,
     table: String,
+    /// The host's own table, to tell whether a bad value came from it or from `[app]`.
+    host: &'a Settings,
 }
 
 impl Resolver<'_> {
@@ -430,7 +459,11 @@ impl Resolver<'_> {
     fn invalid(&self, key: &'static str, value: String, message: &str) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_path_buf(),
-            table: self.table.clone(),
+            table: if self.host.sets(key) {
+                self.table.clone()
+            } else {
+                "[app]".to_string()
+            },
             key,
             value,
             message: message.to_string(),
@@ -629,6 +662,14 @@ path = "/opt/webapp"
             .unwrap_err()
             .to_string();
         assert!(error.contains("keep = \"1\""), "{error}");
+        assert!(error.contains("[hosts.staging].keep"), "{error}");
+    }
+
+    #[test]
+    fn app_value_error_names_app_table() {
+        let text = VALID.replace("path = \"/srv/webapp\"", "path = \"/srv/webapp\"\nkeep = 1");
+        let error = parse(&text).unwrap().host("prod").unwrap_err().to_string();
+        assert!(error.contains("[app].keep"), "{error}");
     }
 
     #[test]

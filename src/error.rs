@@ -60,13 +60,13 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
-    #[error(
-        "deploy lock on {host}:{path} is held by {holder}; wait for it to finish, or pass --lock-wait 5m"
-    )]
+    #[error("deploy lock on {host}:{path} is held by {holder}; {advice}")]
     Locked {
         host: String,
         path: String,
         holder: String,
+        /// What to do next, which depends on whether --lock-wait was given.
+        advice: String,
     },
 
     #[error("step `{step}` failed: {message}")]
@@ -75,7 +75,7 @@ pub enum Error {
     #[error("release {release} failed its health check; rolled back to {previous}")]
     RolledBack { release: String, previous: String },
 
-    #[error("release {release} failed after the switch and the rollback failed too: {message}")]
+    #[error("release {release} failed after the switch, and no healthy release is live: {message}")]
     RollbackFailed { release: String, message: String },
 
     #[error("release {release} is live, but housekeeping failed: {message}")]

@@ -262,9 +262,8 @@ impl Reporter {
                     outcome.replace('_', " ")
                 ),
             };
-            if !self.mode.quiet || summary.outcome != "deployed" {
-                eprintln!("{line}");
-            }
+            // Quiet mode keeps the final line, as --help says.
+            eprintln!("{line}");
         }
         if self.mode.is_github
             && let Some(error) = &summary.error

@@ -396,6 +396,27 @@ fn prepare_deploy_path(host: &TestHost) {
 }
 
 #[test]
+fn quiet_push_prints_final_line_only() {
+    let Some(hosts) = support::real_hosts() else {
+        return;
+    };
+    let host = hosts.boot();
+    let project = Project::new();
+    project.add_host("test", &host, "root", &[support::QUICK_HEALTH]);
+
+    let output = project.crucible(&["push", "test", "-q"]);
+
+    assert_success(&output);
+    let report = stderr(&output);
+    let lines: Vec<&str> = report.lines().collect();
+    assert_eq!(lines.len(), 1, "one line:\n{report}");
+    assert!(
+        lines[0].contains("is live on test"),
+        "the final line names the outcome:\n{report}"
+    );
+}
+
+#[test]
 fn uncreatable_deploy_path_fails_prepare() {
     let Some(hosts) = support::real_hosts() else {
         return;

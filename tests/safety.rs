@@ -166,6 +166,11 @@ fn second_push_waits_for_lock() {
         "--lock-wait prints a countdown:\n{}",
         stderr(&timed_out)
     );
+    assert!(
+        stderr(&timed_out).contains("--lock-wait 2s ran out"),
+        "the error says the wait ran out instead of suggesting --lock-wait:\n{}",
+        stderr(&timed_out)
+    );
 
     let waited = fast.crucible(&["push", "test", "--lock-wait", "60s"]);
     assert_success(&waited);

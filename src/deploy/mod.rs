@@ -392,10 +392,18 @@ impl<'a> Context<'a> {
                         }
                         _ => {
                             self.local_step("lock", started, false, format!("held by {holder}"));
+                            let advice = match wait {
+                                Some(wait) => format!(
+                                    "--lock-wait {} ran out; wait longer, for example with --lock-wait 10m",
+                                    humantime::format_duration(wait)
+                                ),
+                                None => "wait for it to finish, or pass --lock-wait 5m".to_string(),
+                            };
                             return Err(Error::Locked {
                                 host: self.plan.config.host_name.clone(),
                                 path: self.plan.config.path.clone(),
                                 holder,
+                                advice,
                             });
                         }
                     }
