@@ -262,7 +262,7 @@ impl Reporter {
                     outcome.replace('_', " ")
                 ),
             };
-            // Quiet mode keeps the final line, as --help says.
+            // Quiet mode keeps the final line, as --help documents.
             eprintln!("{line}");
         }
         if self.mode.is_github
