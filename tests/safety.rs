@@ -596,39 +596,6 @@ fn terminated_upload_changes_nothing() {
 }
 
 #[test]
-fn terminated_delta_push_leaves_no_partial() {
-    let Some(hosts) = support::real_hosts() else {
-        return;
-    };
-    let host = hosts.boot();
-    // A slow link keeps the hard-link request in flight long enough for the signal to land while
-    // the holder still has files to link.
-    let proxy = TcpProxy::start(host.address(), (host.address(), 22).into(), Some(300_000));
-    let project = Project::new();
-    project.add_host_at("test", &host, proxy.address(), "root", &[QUICK_HEALTH]);
-    for index in 0..5000 {
-        project.write_file(&format!("many/file_{index:04}.txt"), &format!("{index}\n"));
-    }
-    assert_success(&project.crucible(&["push", "test"]));
-    let live = host.live_release();
-
-    project.write_file("VERSION", "after the signal\n");
-    let mut running = project.spawn_crucible(&["push", "test"]);
-    wait_for_upload(&host, &mut running);
-    running.signal("TERM");
-    let output = running.wait(Duration::from_secs(60));
-    assert_exit(&output, 130);
-
-    assert_eq!(host.live_release(), live, "current is untouched");
-    assert!(
-        partial_releases(&host).is_empty(),
-        "the unfinished release was removed after the holder stopped linking: {:?}",
-        partial_releases(&host)
-    );
-    assert!(is_lock_free(&host), "the lock was released on exit");
-}
-
-#[test]
 fn scan_error_frees_early_lock() {
     let Some(hosts) = support::real_hosts() else {
         return;
