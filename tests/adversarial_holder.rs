@@ -9,16 +9,16 @@ use std::os::unix::fs::PermissionsExt;
 
 use support::{Project, QUICK_HEALTH, TestHost, assert_success, stderr, stdout};
 
-/// Lets the user deploy push to /srv/webapp with the sudo rule that crucible prints.
-fn allow_deploy_user(host: &TestHost) {
-    host.run_checked(
-        "install -d -o deploy -g deploy /srv/webapp && \
-         echo 'deploy ALL=(root) NOPASSWD: /usr/bin/systemctl restart -- webapp.service, \
-         /usr/bin/systemctl reset-failed -- webapp.service, /usr/bin/systemctl daemon-reload, \
-         /usr/bin/systemctl enable webapp.service, /usr/bin/tee /etc/systemd/system/webapp.service, \
-         /usr/bin/journalctl --no-pager --output=short-iso -n * -u webapp.service' \
-         > /etc/sudoers.d/crucible && chmod 0440 /etc/sudoers.d/crucible && visudo -c -q",
-    );
+/// Gives /srv/webapp to deploy, which may not write to the root-owned /srv.
+fn give_deploy_path(host: &TestHost) {
+    host.run_checked("install -d -o deploy -g deploy /srv/webapp");
+}
+
+/// Lets deploy push `project` to /srv/webapp with the sudo rule that crucible prints.
+fn allow_deploy_user(host: &TestHost, project: &Project) {
+    give_deploy_path(host);
+    let line = support::printed_sudoers_line(&project.crucible(&["push", "test"]));
+    host.install_sudoers_line(&line);
 }
 
 /// Formats a run's stdout and stderr for a failure message.
@@ -32,9 +32,9 @@ fn deploy_user_delta_into_read_only_directory() {
         return;
     };
     let host = hosts.boot();
-    allow_deploy_user(&host);
     let project = Project::new();
     project.add_host("test", &host, "deploy", &[QUICK_HEALTH]);
+    allow_deploy_user(&host, &project);
     // Enough unchanged files ahead of it that the holder is still linking when tar, done with
     // the one changed file, applies the directory's mode.
     for index in 0..5000 {
@@ -134,7 +134,7 @@ fn unwritable_state_directory_fails_without_traceback() {
         return;
     };
     let host = hosts.boot();
-    allow_deploy_user(&host);
+    give_deploy_path(&host);
     // The lock file exists, so flock opens it, and writing the holder record beside it fails.
     host.run_checked(
         "install -d -o root -g root -m 0755 /srv/webapp/.crucible && touch /srv/webapp/.crucible/lock",

@@ -4,7 +4,9 @@ mod support;
 
 use std::fs;
 
-use support::{Project, TestHost, assert_exit, assert_success, stderr, step_line};
+use support::{
+    Project, TestHost, assert_exit, assert_success, printed_sudoers_line, stderr, step_line,
+};
 
 /// A requirement that no wheel in wheels/ provides, so pip fails with `--no-index`.
 const BROKEN_REQUIREMENT: &str = "not-a-shipped-package==1.0\n";
@@ -380,16 +382,6 @@ fn key_from_environment_authenticates() {
     );
 }
 
-/// Extracts the sudoers line that crucible prints after "add:" when the rule is missing.
-fn printed_sudoers_line(output: &std::process::Output) -> String {
-    let report = stderr(output);
-    let line = report
-        .lines()
-        .find(|line| line.trim_start().starts_with("deploy ALL=(root) NOPASSWD:"))
-        .unwrap_or_else(|| panic!("crucible printed no sudoers line:\n{report}"));
-    line.trim().to_string()
-}
-
 /// Creates /srv/webapp as root and gives it to deploy, which may not write to the root-owned /srv.
 fn prepare_deploy_path(host: &TestHost) {
     host.run_checked("install -d -o deploy -g deploy /srv/webapp");
@@ -485,11 +477,7 @@ fn deploy_user_with_printed_sudo_rule_pushes() {
     project.add_host("test", &host, "deploy", &[]);
     let line = printed_sudoers_line(&project.crucible(&["push", "test"]));
 
-    host.run_checked(&format!(
-        "printf '%s\\n' {} > /etc/sudoers.d/crucible && chmod 0440 /etc/sudoers.d/crucible \
-         && visudo -c -f /etc/sudoers.d/crucible",
-        shlex::try_quote(&line).unwrap()
-    ));
+    host.install_sudoers_line(&line);
     let output = project.crucible(&["push", "test"]);
 
     assert_success(&output);

@@ -4,10 +4,10 @@
 mod support;
 
 use std::path::Path;
-use std::process::Output;
 
 use support::{
-    Project, RealHosts, TestHost, assert_exit, assert_serves, assert_success, stderr, step_line,
+    Project, RealHosts, TestHost, assert_exit, assert_serves, assert_success, printed_sudoers_line,
+    stderr, step_line,
 };
 
 /// uv's system-wide configuration, read by every uv run on the host whatever the user.
@@ -53,16 +53,6 @@ fn assert_built_by_uv(host: &TestHost, venv: &str) {
         "0.13.4",
         "the venv has the wheel from the release's wheels/"
     );
-}
-
-/// Extracts the sudoers line that crucible prints when the deploy user has no rule.
-fn printed_sudoers_line(output: &Output) -> String {
-    let report = stderr(output);
-    let line = report
-        .lines()
-        .find(|line| line.trim_start().starts_with("deploy ALL=(root) NOPASSWD:"))
-        .unwrap_or_else(|| panic!("crucible printed no sudoers line:\n{report}"));
-    line.trim().to_string()
 }
 
 #[test]
@@ -166,11 +156,7 @@ fn deploy_user_builds_venv_with_uv() {
     let project = Project::new();
     project.add_host("test", &host, "deploy", &[support::QUICK_HEALTH]);
     let line = printed_sudoers_line(&project.crucible(&["push", "test"]));
-    host.run_checked(&format!(
-        "printf '%s\\n' {} > /etc/sudoers.d/crucible && chmod 0440 /etc/sudoers.d/crucible \
-         && visudo -c -f /etc/sudoers.d/crucible",
-        shlex::try_quote(&line).unwrap()
-    ));
+    host.install_sudoers_line(&line);
 
     let output = project.crucible(&["push", "test"]);
 

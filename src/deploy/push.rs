@@ -18,6 +18,9 @@ use crate::ssh::{Session, SshError};
 
 /// How long a failed or interrupted push waits for the lock holder to finish linking files into
 /// the unfinished release before it removes that release.
+///
+/// NOTE: a holder still linking after this can create directories of the removed release again.
+/// The next push removes that `.partial`.
 const LINKS_AFTER_FAILURE: Duration = Duration::from_secs(15);
 
 /// The local inputs of a push, checked before anything connects.

@@ -286,6 +286,10 @@ pub fn unit_state(unit: &str) -> String {
 
 /// Returns a command that prints the unit's last `lines` journal lines, through sudo for a user
 /// outside the journal groups.
+///
+/// NOTE: the lines can predate this release's restart, for example an earlier release's crash.
+/// Narrowing them needs other journalctl arguments, which the printed sudoers line would have to
+/// allow.
 pub fn journal(unit: &str, lines: u32, is_root: bool) -> String {
     let unit = quote(unit);
     let plain = format!("journalctl --no-pager --output=short-iso -n {lines} -u {unit}");

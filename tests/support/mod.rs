@@ -346,6 +346,15 @@ impl TestHost {
             .unwrap_or_else(|error| panic!("failed to start ssh: {error}"))
     }
 
+    /// Installs `line` as /etc/sudoers.d/crucible, after `visudo` accepted it.
+    pub fn install_sudoers_line(&self, line: &str) {
+        self.run_checked(&format!(
+            "printf '%s\\n' {} > /etc/sudoers.d/crucible && chmod 0440 /etc/sudoers.d/crucible \
+             && visudo -c -f /etc/sudoers.d/crucible",
+            shlex::try_quote(line).expect("a sudoers line has no NUL byte")
+        ));
+    }
+
     /// Runs `script` as root, panics unless it exits with status 0, and returns its stdout.
     pub fn run_checked(&self, script: &str) -> String {
         let output = self.run_as_root(script);
@@ -718,6 +727,16 @@ pub fn json_summary(output: &Output) -> serde_json::Value {
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .find(|event| event["event"] == "summary")
         .unwrap_or_else(|| panic!("no summary event on stdout; stderr:\n{}", stderr(output)))
+}
+
+/// Returns the sudoers line that crucible prints after "add:" when the deploy user has no rule.
+pub fn printed_sudoers_line(output: &Output) -> String {
+    let report = stderr(output);
+    let line = report
+        .lines()
+        .find(|line| line.trim_start().starts_with("deploy ALL=(root) NOPASSWD:"))
+        .unwrap_or_else(|| panic!("crucible printed no sudoers line:\n{report}"));
+    line.trim().to_string()
 }
 
 /// Waits until the app on `host` serves `release`, which takes a moment after a restart, and
